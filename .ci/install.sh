@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create the virtual environment and install maestro with its test extra.
+# CPU machines get the CPU build of torch (never the CUDA wheels); CUDA machines get the CUDA
+# build and flash-attn where it builds, falling back to SDPA where it does not.
+set -euo pipefail
+venv=${1:-.venv}
+torch_version=2.13.0
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+export DS_BUILD_OPS=0 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    cuda=1
+    "$py" -m pip install -q "torch==${torch_version}"
+else
+    cuda=0
+    # A local CPU wheel (find-links) satisfies this directly; elsewhere the PyTorch CPU index does.
+    "$py" -m pip install -q "torch==${torch_version}+cpu" 2>/dev/null \
+        || "$py" -m pip install -q --index-url https://download.pytorch.org/whl/cpu "torch==${torch_version}+cpu"
+fi
+
+# Pin the torch that is now installed so that nothing below replaces it.
+installed=$("$py" -c "import torch; print(torch.__version__)")
+{ cat constraints.txt; echo "torch==${installed}"; } > "$venv/constraints.txt"
+"$py" -m pip install -q -c "$venv/constraints.txt" -e ".[test]"
+
+if [ "$cuda" = 1 ]; then
+    "$py" -m pip install -q --no-build-isolation -c "$venv/constraints.txt" "flash-attn>=2.6" \
+        || echo "flash-attn could not be installed here; attention falls back to SDPA"
+fi
+"$py" -m pip check
+echo "installed: torch ${installed} (cuda=${cuda}) into ${venv}"

@@ -1,0 +1,453 @@
+"""Typed configuration: nested dataclasses, YAML deltas, `section.key=value` overrides, one `resolve()`.
+
+`load(path, overrides)` reads a YAML file that holds only what differs from the defaults, applies
+the overrides, checks every key and type, and calls `resolve()`, which validates values against
+each other and computes every derived value (modality specs, fusion groups, global batch,
+accumulation, absolute learning rate, the DeepSpeed config dict) in this one place. The resolved
+config is what gets logged and saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from maestro.errors import ConfigError
+from maestro.modalities import ModalitySpec, TargetSpec, preset, validate_modality
+from maestro.sizes import SIZES
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "treesatai_ts"
+    shards: str = ""  # URL of a shard split: local folder or s3://bucket/prefix
+    inputs: list[str] | None = None  # modalities fed to the model; None: the preset's
+    modalities: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-modality deltas or new sensors
+    batch_size: int = 32  # per worker (micro-batch)
+    workers: int = 4  # data-loader processes per rank
+    shuffle_buffer: int = 256
+    augment: bool = True  # random flips/transpose (train only)
+    random_dates: bool = True  # random valid date per bin in training (the reference's train mode)
+    token_budget: int = 0  # >0: packed batches of at most this many tokens (for dates=all)
+    seed: int = 0
+    strict: bool = False  # re-raise data errors instead of skipping and counting them
+
+
+@dataclass
+class ModelConfig:
+    size: Literal["tiny", "small", "base", "large"] = "tiny"
+    fusion: Literal["shared", "monotemp", "mod", "group"] = "group"
+    inter_depth: int = 3
+    attention: Literal["flash", "sdpa", "math"] = "sdpa"
+    kernels: Literal["triton", "torch"] = "torch"
+    use_date_enc: bool = True
+    interpolate: Literal["nearest", "bilinear"] = "nearest"
+
+
+@dataclass
+class MaskConfig:
+    ratio: float = 0.75
+    scale: float = 0.0
+    modality: float | None = 0.25
+    bands: float | None = None
+    dates: float | None = 0.25
+    locations: float | None = 0.25
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["l1", "l2"] = "l1"
+    target_norm: Literal["none", "patch", "patch_group"] = "patch_group"
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 3e-5
+    lr_scaling: Literal["sqrt", "none"] = "sqrt"  # lr = base_lr * sqrt(global_batch / 3)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.01
+    decay_norms_and_biases: bool = True  # the reference decays everything
+    pct_start: float = 0.2
+    div_factor: float = 1000.0
+    final_factor: float = 1e7  # final lr = lr / final_factor
+    grad_clip: float = 0.0  # 0: none (the reference)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    grad_accum: int = 1
+    zero_stage: int = 2
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    image_every: int = 500
+    ema: bool = True
+    ema_momentum: float = 0.9999  # per optimizer step
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    name: str = "maestro"
+    storage: str = "runs"  # local folder or s3://bucket/prefix
+    workers: int = 1
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    cpus_per_worker: int = 1
+    address: str = ""  # Ray cluster address; empty: start Ray locally
+    max_failures: int = 3
+
+
+@dataclass
+class Derived:
+    """Values computed by `resolve()`; never set by users."""
+
+    modalities: dict[str, ModalitySpec] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    targets: dict[str, TargetSpec] = field(default_factory=dict)
+    grid_pos_enc: int = 0
+    tile_m: float = 0.0
+    crop_m: float = 0.0
+    ref_date: str = ""
+    global_batch: int = 0
+    lr: float = 0.0
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    derived: Derived = field(default_factory=Derived)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "derived"]
+
+
+# --- type checking of plain YAML values against dataclass field types --------------------------
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    return {
+        type(None): "null",
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+    }.get(tp, "any value")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` checked (and losslessly converted) against type `tp`, or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in args:
+            return value
+        # YAML reads `true`/`false` as bools; let Literal["true", "false"] fields accept them.
+        if isinstance(value, bool) and str(value).lower() in args:
+            return str(value).lower()
+        raise ConfigError(key, value, _describe(tp))
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                continue
+        raise ConfigError(key, value, _describe(tp))
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(key, value, _describe(tp))
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, value, _describe(tp))
+        return {_coerce(key, k, args[0]): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(key, value, _describe(tp))
+
+
+def _build(cls: type, values: Any, prefix: str, base: Any = None) -> Any:
+    """Build dataclass `cls` from a mapping, on top of `base` (default: the class defaults)."""
+    if not isinstance(values, dict):
+        raise ConfigError(prefix, values, f"a mapping of {cls.__name__} keys")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    updates = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(key, v, f"a known key of '{prefix or 'config'}': {', '.join(sorted(names))}")
+        updates[k] = _coerce(key, v, hints[k])
+    if base is not None:
+        return dataclasses.replace(base, **updates)
+    try:
+        return cls(**updates)
+    except TypeError as e:  # a required field is missing
+        missing = sorted(
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+            and f.name not in updates
+        )
+        raise ConfigError(prefix, values, f"the required keys {missing}") from e
+
+
+def _merge(base: dict, delta: dict) -> dict:
+    out = dict(base)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(text, text, "an override of the form section.key=value")
+    path, raw = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) < 2 or parts[0] not in SECTIONS or not all(parts):
+        raise ConfigError(path, raw, f"section.key with a section among {SECTIONS}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(path, raw, f"a YAML value ({e.__class__.__name__})") from e
+    return parts, value
+
+
+def from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Config:
+    """Build and resolve a config from a plain (YAML-like) delta mapping plus overrides."""
+    raw = dict(raw or {})
+    for text in overrides:
+        parts, value = _parse_override(text)
+        delta: Any = value
+        for p in reversed(parts):
+            delta = {p: delta}
+        raw = _merge(raw, delta)
+    if "derived" in raw:
+        raise ConfigError("derived", raw["derived"], "no value: derived values are computed, not set")
+    sections = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(name, value, f"a section among {SECTIONS}")
+        sections[name] = value
+    cfg = Config()
+    hints = typing.get_type_hints(Config)
+    for name, value in sections.items():
+        setattr(cfg, name, _build(hints[name], value or {}, name))
+    return resolve(cfg)
+
+
+def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML delta file (or only defaults when `path` is None), apply overrides, resolve."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("CONFIG", str(path), "an existing YAML file (see configs/)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(str(path), "<file>", f"valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(str(path), raw, "a mapping of sections")
+    return from_dict(raw, overrides)
+
+
+# --- resolve: cross-field checks and derived values --------------------------------------------
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, expected)
+
+
+def _resolve_modalities(cfg: Config) -> None:
+    ds = preset(cfg.data.dataset)
+    specs = dict(ds.modalities)
+    hints = typing.get_type_hints(ModalitySpec)
+    for name, delta in cfg.data.modalities.items():
+        key = f"data.modalities.{name}"
+        if not isinstance(delta, dict):
+            raise ConfigError(key, delta, "a mapping of modality fields")
+        unknown = set(delta) - set(hints)
+        if unknown:
+            raise ConfigError(
+                f"{key}.{sorted(unknown)[0]}",
+                delta[sorted(unknown)[0]],
+                f"a modality field among {sorted(hints)}",
+            )
+        specs[name] = _build(ModalitySpec, delta, key, base=specs.get(name))
+    inputs = cfg.data.inputs if cfg.data.inputs is not None else ds.inputs
+    _check(len(inputs) > 0, "data.inputs", inputs, "at least one modality")
+    for name in inputs:
+        _check(
+            name in specs,
+            "data.inputs",
+            inputs,
+            f"modalities among {sorted(specs)} (declare new ones under data.modalities)",
+        )
+    _check(len(set(inputs)) == len(inputs), "data.inputs", inputs, "each modality once")
+    mods = {n: validate_modality(n, specs[n], f"data.modalities.{n}") for n in inputs}
+    groups: dict[str, list[str]] = {}
+    for n, s in mods.items():
+        groups.setdefault(s.group, []).append(n)
+    embeds: dict[str, ModalitySpec] = {}
+    for n, s in mods.items():
+        other = embeds.setdefault(s.embed, s)
+        _check(
+            (other.groups, other.patch_size) == (s.groups, s.patch_size),
+            f"data.modalities.{n}.embed",
+            s.embed,
+            "a name shared only by modalities with the same band groups and patch size",
+        )
+    if ds.ref_date in ds.modalities:
+        _check(
+            ds.ref_date in mods,
+            "data.inputs",
+            inputs,
+            f"the reference-date modality '{ds.ref_date}' of {cfg.data.dataset} among the inputs",
+        )
+    d = cfg.derived
+    d.modalities, d.groups, d.targets = mods, groups, dict(ds.targets)
+    d.grid_pos_enc, d.tile_m, d.crop_m, d.ref_date = ds.grid_pos_enc, ds.tile_m, ds.crop_m, ds.ref_date
+
+
+def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config dict for a world size (no hand-written JSON anywhere)."""
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
+    zero: dict[str, Any] = {"stage": cfg.train.zero_stage}
+    if cfg.train.zero_stage >= 1:
+        zero.update(overlap_comm=use_gpu, contiguous_gradients=True)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def uses_gpu(cfg: Config) -> bool:
+    """Whether the run trains on GPUs: `run.use_gpu`, with `auto` meaning "if CUDA is available"."""
+    if cfg.run.use_gpu != "auto":
+        return cfg.run.use_gpu == "true"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve(cfg: Config) -> Config:
+    """Validate values against each other and compute the derived values."""
+    m, mk, o, t, r, dc = cfg.model, cfg.mask, cfg.optim, cfg.train, cfg.run, cfg.data
+    _check(0.0 <= mk.ratio < 1.0, "mask.ratio", mk.ratio, "a fraction in [0, 1)")
+    _check(mk.scale >= 0.0, "mask.scale", mk.scale, "a non-negative exponent")
+    for k in ("modality", "bands", "dates", "locations"):
+        v = getattr(mk, k)
+        _check(v is None or 0.0 <= v < 1.0, f"mask.{k}", v, "null or a probability in [0, 1)")
+    _check(m.inter_depth >= 0, "model.inter_depth", m.inter_depth, "a non-negative number of joint blocks")
+    _check(
+        m.inter_depth == 0 or m.fusion in ("mod", "group"),
+        "model.inter_depth",
+        m.inter_depth,
+        f"0 with fusion '{m.fusion}' (joint blocks need fusion mod or group)",
+    )
+    _check(
+        m.inter_depth <= SIZES[m.size].depth,
+        "model.inter_depth",
+        m.inter_depth,
+        f"at most the depth {SIZES[m.size].depth} of '{m.size}'",
+    )
+    _check(o.base_lr > 0, "optim.base_lr", o.base_lr, "a positive learning rate")
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        o.betas,
+        "two numbers in [0, 1)",
+    )
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a non-negative number")
+    _check(0 < o.pct_start < 1, "optim.pct_start", o.pct_start, "a fraction in (0, 1)")
+    _check(o.div_factor >= 1 and o.final_factor >= 1, "optim.div_factor", o.div_factor, "factors >= 1")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "0 (off) or a positive norm")
+    _check(t.steps > 0, "train.steps", t.steps, "a positive number of optimizer steps")
+    _check(t.grad_accum >= 1, "train.grad_accum", t.grad_accum, "an integer >= 1")
+    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "0, 1, 2 or 3")
+    _check(t.checkpoint_every > 0, "train.checkpoint_every", t.checkpoint_every, "a positive number of steps")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "at least 1")
+    _check(t.log_every > 0, "train.log_every", t.log_every, "a positive number of steps")
+    _check(t.image_every > 0, "train.image_every", t.image_every, "a positive number of steps")
+    _check(0 < t.ema_momentum < 1, "train.ema_momentum", t.ema_momentum, "a momentum in (0, 1)")
+    _check(dc.batch_size >= 1, "data.batch_size", dc.batch_size, "an integer >= 1")
+    _check(dc.workers >= 0, "data.workers", dc.workers, "an integer >= 0")
+    _check(dc.shuffle_buffer >= 0, "data.shuffle_buffer", dc.shuffle_buffer, "an integer >= 0")
+    _check(
+        dc.token_budget >= 0,
+        "data.token_budget",
+        dc.token_budget,
+        "0 (padded batches) or a positive token count",
+    )
+    _check(r.workers >= 1, "run.workers", r.workers, "an integer >= 1")
+    _check(r.cpus_per_worker >= 1, "run.cpus_per_worker", r.cpus_per_worker, "an integer >= 1")
+    _check(r.max_failures >= 0, "run.max_failures", r.max_failures, "an integer >= 0")
+    _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
+    _resolve_modalities(cfg)
+    d = cfg.derived
+    d.global_batch = dc.batch_size * t.grad_accum * r.workers
+    d.lr = o.base_lr * (math.sqrt(d.global_batch / 3) if o.lr_scaling == "sqrt" else 1.0)
+    d.deepspeed = deepspeed_config(cfg, r.workers, uses_gpu(cfg))
+    return cfg
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (derived values included) as YAML."""
+    Path(path).write_text(dump(cfg))
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
