@@ -1,0 +1,141 @@
+"""Shard format, version 1: the sample schema shared by the writer (`shards/`) and the loader (`maestro/data`).
+
+One sample is a group of tar members sharing a key (DESIGN.md "Shard format, version 1"):
+
+- `KEY.MOD.npy`        raw values `(T, C, H, W)` in the source dtype (T = 1 for single-date modalities)
+- `KEY.MOD.dates.npy`  `(T, 3)` int16 rows `(year, day_of_year, hour)`
+- `KEY.MOD.valid.npy`  optional `(T, H, W)` uint8, 0 where cloud or nodata
+- `KEY.TARGET.npy`     labels (class-id raster or multi-label vector)
+- `KEY.meta.json`      sample id, split, reference date, CRS and bounds, source and licence, and the
+                       lists of modality and target names present
+
+Only `.npy` (with `allow_pickle=False`) and `.json` are ever decoded; anything else is an error.
+WebDataset splits a member name at the first dot of its basename, so keys never contain dots.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from maestro.errors import DataError
+
+FORMAT = "maestro-shards"
+VERSION = 1
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def sample_key(sample_id: str) -> str:
+    """A tar key for a sample id: dots and other separators become '_' (the id stays in meta.json)."""
+    return _KEY_BAD.sub("_", sample_id)
+
+
+@dataclass
+class Sample:
+    """One decoded sample: per-modality raw arrays, dates and valid masks, targets and metadata."""
+
+    key: str
+    arrays: dict[str, np.ndarray]
+    dates: dict[str, np.ndarray]
+    valid: dict[str, np.ndarray] = field(default_factory=dict)
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def check(self, where: str = "") -> None:
+        """Raise DataError naming the sample and member if any array breaks the schema."""
+        at = f"{where}sample '{self.key}'"
+        if "." in self.key or not self.key:
+            raise DataError(f"{at}: key must be non-empty and contain no '.'")
+        if not self.arrays:
+            raise DataError(f"{at}: no modality arrays")
+        for mod, x in self.arrays.items():
+            if x.ndim != 4:
+                raise DataError(f"{at}: '{mod}.npy' has shape {x.shape}; expected (T, C, H, W)")
+            d = self.dates.get(mod)
+            if d is None:
+                raise DataError(f"{at}: '{mod}.dates.npy' is missing")
+            if d.shape != (x.shape[0], 3) or d.dtype != np.int16:
+                raise DataError(
+                    f"{at}: '{mod}.dates.npy' is {d.dtype}{d.shape}; expected int16 ({x.shape[0]}, 3) for {x.shape[0]} dates"
+                )
+            v = self.valid.get(mod)
+            if v is not None and (v.shape != (x.shape[0], *x.shape[2:]) or v.dtype != np.uint8):
+                raise DataError(
+                    f"{at}: '{mod}.valid.npy' is {v.dtype}{v.shape}; expected uint8 {(x.shape[0], *x.shape[2:])}"
+                )
+        extra = set(self.dates) - set(self.arrays)
+        if extra:
+            raise DataError(f"{at}: dates for unknown modalities {sorted(extra)}")
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode(sample: Sample) -> dict[str, bytes]:
+    """Tar members of a sample as {suffix: bytes} (suffix = member name after `KEY.`)."""
+    sample.check()
+    out: dict[str, bytes] = {}
+    for mod, x in sample.arrays.items():
+        out[f"{mod}.npy"] = _npy_bytes(x)
+        out[f"{mod}.dates.npy"] = _npy_bytes(sample.dates[mod].astype(np.int16))
+        if mod in sample.valid:
+            out[f"{mod}.valid.npy"] = _npy_bytes(sample.valid[mod].astype(np.uint8))
+    for name, y in sample.targets.items():
+        out[f"{name}.npy"] = _npy_bytes(y)
+    meta = dict(sample.meta, modalities=list(sample.arrays), targets=list(sample.targets))
+    out["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+    return out
+
+
+def load_npy(data: bytes, where: str) -> np.ndarray:
+    """Decode `.npy` bytes without ever unpickling; `where` names the member in errors."""
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:  # object arrays need pickle: refused
+        raise DataError(f"{where}: refused to decode (pickled or malformed .npy: {e})") from e
+    except Exception as e:
+        raise DataError(f"{where}: unreadable .npy ({e.__class__.__name__}: {e})") from e
+
+
+def decode(key: str, members: dict[str, bytes], where: str = "") -> Sample:
+    """Build a Sample from raw members {suffix: bytes}; refuses anything but .npy and .json."""
+    at = f"{where}sample '{key}'"
+    if "meta.json" not in members:
+        raise DataError(f"{at}: 'meta.json' is missing")
+    for suffix in members:
+        if not (suffix.endswith(".npy") or suffix.endswith(".json")):
+            raise DataError(f"{at}: member '{key}.{suffix}' is neither .npy nor .json; refusing to decode it")
+    try:
+        meta = json.loads(members["meta.json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{at}: 'meta.json' is not valid JSON ({e})") from e
+    mods, targets = meta.get("modalities", []), meta.get("targets", [])
+    arrays, dates, valid, tgts = {}, {}, {}, {}
+    for mod in mods:
+        for suffix, dest in ((f"{mod}.npy", arrays), (f"{mod}.dates.npy", dates)):
+            if suffix not in members:
+                raise DataError(f"{at}: member '{suffix}' listed in meta.json is missing")
+            dest[mod] = load_npy(members[suffix], f"{at} member '{suffix}'")
+        if f"{mod}.valid.npy" in members:
+            valid[mod] = load_npy(members[f"{mod}.valid.npy"], f"{at} member '{mod}.valid.npy'")
+    for name in targets:
+        if f"{name}.npy" not in members:
+            raise DataError(f"{at}: target member '{name}.npy' listed in meta.json is missing")
+        tgts[name] = load_npy(members[f"{name}.npy"], f"{at} member '{name}.npy'")
+    known = {"meta.json"} | {f"{n}.npy" for n in [*mods, *targets]}
+    known |= {f"{m}.dates.npy" for m in mods} | {f"{m}.valid.npy" for m in mods}
+    unknown = set(members) - known
+    if unknown:
+        raise DataError(f"{at}: members {sorted(unknown)} are not listed in meta.json")
+    meta = {k: v for k, v in meta.items() if k not in ("modalities", "targets")}
+    s = Sample(key, arrays, dates, valid, tgts, meta)
+    s.check(where)
+    return s
