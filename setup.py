@@ -4,13 +4,15 @@ Version ranges here say what the code supports (torch 2.11 on GPU machines, 2.13
 `constraints.txt` pins the exact set that the Makefile installs and CI tests.
 """
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="maestro",
     version="0.1.0",
     description="Distributed pretraining of MAESTRO, the multimodal multitemporal Earth-observation MAE",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(
