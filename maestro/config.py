@@ -344,13 +344,6 @@ def _resolve_modalities(cfg: Config) -> None:
             s.embed,
             "a name shared only by modalities with the same band groups and patch size",
         )
-    if ds.ref_date in ds.modalities:
-        _check(
-            ds.ref_date in mods,
-            "data.inputs",
-            inputs,
-            f"the reference-date modality '{ds.ref_date}' of {cfg.data.dataset} among the inputs",
-        )
     d = cfg.derived
     d.modalities, d.groups, d.targets = mods, groups, dict(ds.targets)
     d.grid_pos_enc, d.tile_m, d.crop_m, d.ref_date = ds.grid_pos_enc, ds.tile_m, ds.crop_m, ds.ref_date
