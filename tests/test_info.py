@@ -1,0 +1,63 @@
+"""`maestro info` token counts against the reference (issue 2), for every fusion mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maestro import config, info
+
+REPO = Path(__file__).resolve().parents[1]
+
+EXPECTED = {
+    "treesatai_ts": (441, 110, {"aerial": (225, 56), "s2": (144, 36), "s1": (72, 18)}),
+    "pastis_hd": (1636, 409, {"spot": (100, 25), "s2": (1024, 256), "s1": (512, 128)}),
+    "flair_hub": (1880, 470, {"aerial": (1024, 256), "dem": (256, 64), "s2": (400, 100), "s1": (200, 50)}),
+}
+
+
+@pytest.mark.parametrize("dataset", list(EXPECTED))
+def test_cli_info_json_matches_reference(dataset):
+    r = subprocess.run(
+        [sys.executable, "-m", "maestro.cli", "info", f"configs/{dataset}.yaml", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    total, visible, groups = EXPECTED[dataset]
+    assert (rep["tokens"]["total"], rep["tokens"]["visible"]) == (total, visible)
+    assert {g: (v["total"], v["visible"]) for g, v in rep["tokens"]["groups"].items()} == groups
+    assert sum(m["total"] for m in rep["tokens"]["modalities"].values()) == total
+
+
+def test_reference_fixture_token_counts(fixtures_dir):
+    meta = json.loads((fixtures_dir / "reference_model" / "treesatai_ts_tiny" / "meta.json").read_text())
+    t = info.tokens(config.load(None))
+    for g, v in meta["token_counts"]["per_group"].items():
+        assert t["groups"][g] == {"total": v["tokens"], "visible": v["visible"]}
+    for m, v in meta["token_counts"]["per_modality"].items():
+        assert t["modalities"][m]["total"] == v["tokens"]
+
+
+def test_fusion_modes_and_mask_scale():
+    mod = info.tokens(config.load(None, ["model.fusion=mod"]))
+    assert set(mod["groups"]) == {"aerial", "s2", "s1_asc", "s1_des"}
+    assert mod["groups"]["s1_asc"] == {"total": 36, "visible": 9}  # round(0.75 * 36) = 27 masked
+    shared = info.tokens(config.load(None, ["model.fusion=shared", "model.inter_depth=0"]))
+    # Per image: S2 has 9 tokens per date, round(0.75 * 9) = 7 masked, 2 visible, over 16 dates.
+    assert shared["modalities"]["s2"]["visible"] == 16 * 2
+    # mask.scale raises the ratio of long sequences: 1 - 0.25 / 16**0.5 for S2 (16 dates).
+    scaled = info.tokens(config.load(None, ["mask.scale=0.5"]))
+    assert scaled["groups"]["s2"]["visible"] == 144 - round((1 - 0.25 / 4) * 144)
+    assert scaled["groups"]["aerial"]["visible"] == 56  # one date: unchanged
+
+
+def test_banker_rounding_as_the_reference():
+    assert info.masked_count(0.5, 5) == 2  # Python round(2.5) == 2
+    assert info.masked_count(0.75, 225) == 169
