@@ -1,0 +1,272 @@
+"""Write samples to WebDataset tar shards of a target size, then `manifest.json`, last.
+
+`ShardWriter` packs encoded samples into `SPLIT-000000.tar`, `SPLIT-000001.tar`, ... under a split
+URL (local folder or `s3://`), hashing every byte as it streams out, and accumulates per-band
+statistics. `write_split` drives it from a list of source items read in parallel by worker
+processes, with a progress bar, and handles bad samples (skipped and listed, or fatal).
+A split that fails part-way keeps no manifest, so it is never taken for a complete one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import multiprocessing
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any
+
+from tqdm import tqdm
+
+from maestro.errors import DataError
+from maestro.modalities import ModalitySpec, TargetSpec
+from shards import manifest as manifest_io
+from shards import storage
+from shards.schema import FORMAT, VERSION, Sample, encode
+from shards.stats import BandStats, provenance
+
+DEFAULT_SHARD_BYTES = 256 * 2**20
+_TAR_BLOCK = 512
+
+
+class _HashingWriter:
+    """A write-only file that counts and hashes what passes through it."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.bytes, self.sha = f, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.f.write(data)
+        self.sha.update(data)
+        self.bytes += len(data)
+        return len(data)
+
+
+def raw_band_names(spec: ModalitySpec, channels: int) -> list[str]:
+    """Names of the stored (raw) channels: the registry's bands, mapped back through source_channels."""
+    if spec.source_channels is None and channels == len(spec.bands):
+        return list(spec.bands)
+    by_source = dict(zip(spec.source_channels or range(len(spec.bands)), spec.bands))
+    return [by_source.get(c, f"channel{c}") for c in range(channels)]
+
+
+@dataclasses.dataclass
+class Bad:
+    """A source sample that could not be read: its id and why (returned by readers under skip_bad)."""
+
+    sample_id: str
+    reason: str
+
+
+class ShardWriter:
+    """Samples in, tar shards out; `close()` writes the manifest and returns it."""
+
+    def __init__(
+        self,
+        split_url: str,
+        *,
+        dataset: str,
+        split: str,
+        modalities: dict[str, ModalitySpec],
+        targets: dict[str, TargetSpec] | None = None,
+        source: str = "",
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        shard_samples: int | None = None,
+        overwrite: bool = False,
+    ):
+        if shard_bytes <= 0 or (shard_samples is not None and shard_samples <= 0):
+            raise DataError(
+                f"shard size limits must be positive; got {shard_bytes} bytes, {shard_samples} samples"
+            )
+        self.url, self.dataset, self.split, self.source = split_url, dataset, split, source
+        self.modalities, self.targets = modalities, targets or {}
+        self.shard_bytes, self.shard_samples = shard_bytes, shard_samples
+        self.shards: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, str]] = []
+        self.stats: dict[str, BandStats] = {}
+        self.samples = 0
+        self.bytes_written = 0
+        self._tar: tarfile.TarFile | None = None
+        self._out: _HashingWriter | None = None
+        self._raw: IO[bytes] | None = None
+        self._keys: list[str] = []
+        self._seen: set[str] = set()
+        self._prepare(overwrite)
+
+    def _prepare(self, overwrite: bool) -> None:
+        names = storage.list_names(self.url)
+        existing = [n for n in names if n == manifest_io.MANIFEST or n.endswith(".tar")]
+        if existing and not overwrite:
+            raise DataError(
+                f"{self.url}: already holds a split ({len(existing)} files, e.g. {existing[0]}); "
+                f"refusing to overwrite it. Pass --overwrite (overwrite=True) or choose another OUT"
+            )
+        if manifest_io.MANIFEST in existing:  # first, so a crash never leaves an old manifest on new shards
+            storage.remove(manifest_io.url_of(self.url))
+        for n in existing:
+            if n != manifest_io.MANIFEST:
+                storage.remove(storage.join(self.url, n))
+
+    def add(self, sample: Sample) -> None:
+        if sample.key in self._seen:
+            raise DataError(f"{self.url}: sample key '{sample.key}' written twice; sample ids must be unique")
+        members = encode(sample)
+        size = sum(_TAR_BLOCK + -(-len(b) // _TAR_BLOCK) * _TAR_BLOCK for b in members.values())
+        if self._tar is not None and (
+            self._out.bytes + size > self.shard_bytes or len(self._keys) == self.shard_samples
+        ):
+            self._close_shard()
+        if self._tar is None:
+            self._open_shard()
+        for suffix, data in members.items():
+            info = tarfile.TarInfo(f"{sample.key}.{suffix}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            self._tar.addfile(info, _BytesReader(data))
+        self._keys.append(sample.key)
+        self._seen.add(sample.key)
+        self.samples += 1
+        for mod, x in sample.arrays.items():
+            spec = self.modalities.get(mod)
+            if mod not in self.stats:
+                self.stats[mod] = BandStats(x.shape[1])
+            self.stats[mod].add(x, sample.valid.get(mod), spec.nodata if spec else None)
+
+    @property
+    def bytes_so_far(self) -> int:
+        """Bytes of the closed shards plus the open one."""
+        return self.bytes_written + (self._out.bytes if self._out else 0)
+
+    def skip(self, bad: Bad) -> None:
+        self.skipped.append({"sample": bad.sample_id, "reason": bad.reason})
+
+    def _open_shard(self) -> None:
+        name = manifest_io.shard_name(self.split, len(self.shards))
+        self._raw = storage.open_file(storage.join(self.url, name), "wb")
+        self._out = _HashingWriter(self._raw)
+        # Open across `add` calls, closed by `_close_shard` or `abort`: no context manager fits.
+        self._tar = tarfile.open(fileobj=self._out, mode="w|")  # noqa: SIM115
+        self.shards.append({"name": name})
+
+    def _close_shard(self) -> None:
+        self._tar.close()
+        self._raw.close()
+        entry = self.shards[-1]
+        entry.update(samples=len(self._keys), bytes=self._out.bytes, sha256=self._out.sha.hexdigest())
+        entry["keys"] = self._keys
+        self.bytes_written += self._out.bytes
+        self._tar, self._out, self._raw, self._keys = None, None, None, []
+
+    def abort(self) -> None:
+        """Close the open shard without a manifest: the split stays visibly incomplete."""
+        if self._tar is not None:
+            self._tar.close()
+            self._raw.close()
+            self._tar = None
+
+    def close(self) -> dict[str, Any]:
+        if self._tar is not None:
+            self._close_shard()
+        if self.samples == 0:
+            raise DataError(
+                f"{self.url}: no sample was written ({len(self.skipped)} skipped); nothing to make a split of"
+            )
+        stats = {}
+        for mod, acc in self.stats.items():
+            spec = self.modalities.get(mod)
+            names = (
+                raw_band_names(spec, len(acc.count))
+                if spec
+                else [f"channel{c}" for c in range(len(acc.count))]
+            )
+            stats[mod] = acc.summary(names)
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dataset": self.dataset,
+            "split": self.split,
+            "source": self.source,
+            "samples": self.samples,
+            "bytes": self.bytes_written,
+            "modalities": {m: dataclasses.asdict(s) for m, s in self.modalities.items() if m in self.stats},
+            "targets": {t: dataclasses.asdict(s) for t, s in self.targets.items()},
+            "statistics": {"provenance": provenance(self.samples), "modalities": stats},
+            "shards": [s for s in self.shards if s.get("samples")],
+            "skipped": self.skipped,
+        }
+        manifest_io.write(self.url, manifest)
+        return manifest
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class _BytesReader:
+    """The minimal file object `tarfile.addfile` reads a member's bytes from."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = memoryview(data), 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else min(len(self.data), self.pos + n)
+        out = self.data[self.pos : end].tobytes()
+        self.pos = end
+        return out
+
+
+def _read_guarded(args: tuple[Callable[[Any], Sample], Any, bool]) -> Sample | Bad:
+    read, item, skip_bad = args
+    try:
+        return read(item)
+    except DataError as e:
+        if not skip_bad:
+            raise
+        return Bad(getattr(item, "sample_id", str(item)), str(e))
+
+
+def _read_all(
+    read: Callable[[Any], Sample], items: list[Any], workers: int, skip_bad: bool
+) -> Iterator[Sample | Bad]:
+    jobs = ((read, item, skip_bad) for item in items)
+    if workers <= 1:
+        yield from map(_read_guarded, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_read_guarded, jobs, chunksize=max(1, min(16, len(items) // (4 * workers))))
+
+
+def write_split(
+    writer: ShardWriter,
+    read: Callable[[Any], Sample],
+    items: Iterable[Any],
+    *,
+    workers: int = 1,
+    skip_bad: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Read every item with `read` (in `workers` processes, results in item order) and write them.
+
+    `read` is a module-level function (picklable) mapping an item to a Sample, raising DataError
+    for bad input. With `skip_bad`, such samples are counted and listed in the manifest; without,
+    the first one stops the split, which then has no manifest.
+    """
+    items = list(items)
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), unit="sample", desc=f"{writer.dataset}/{writer.split}", disable=not progress)
+    with writer, bar:
+        for got in _read_all(read, items, workers, skip_bad):
+            if isinstance(got, Bad):
+                writer.skip(got)
+                bar.set_postfix_str(f"skipped {len(writer.skipped)}", refresh=False)
+            else:
+                writer.add(got)
+                mb = writer.bytes_so_far / 2**20
+                bar.set_postfix_str(
+                    f"{mb:.1f} MB, {mb / (time.perf_counter() - start):.1f} MB/s", refresh=False
+                )
+            bar.update()
+        return writer.close()
