@@ -1,0 +1,87 @@
+"""Items to model batches: padded `(B, T, ...)` batches, or packed batches under a token budget.
+
+Padded: each modality's date axis is padded to the batch's longest series (only `dates: all`
+series differ), padding flagged in `MOD_valid` and counted in `MOD_ndates (B,)`.
+
+Packed (`data.token_budget > 0`): items are concatenated, not padded, along the date axis:
+`MOD (1, ΣT, C, H, W)`, `MOD_dates (1, ΣT, 3)`, `MOD_valid (1, ΣT, H, W)`, with
+`MOD_cu_dates (n+1,)` int32 the cumulative date counts per item; `cu_seqlens (n+1,)` int32 the
+cumulative token counts per item (all modalities) and `cu_seqlens_GROUP` per fusion group, as
+varlen attention takes them; `ref_date (n, 1, 3)`. A batch takes items while they fit the budget;
+the only padding is the unused tail of the budget, reported as `_padding_fraction`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from maestro.modalities import ModalitySpec
+
+
+def item_tokens(item: dict[str, Any], specs: dict[str, ModalitySpec]) -> dict[str, int]:
+    """Tokens per modality of one item: dates × band groups × grid²."""
+    return {m: item[m].shape[0] * len(s.groups) * s.tokens_per_date for m, s in specs.items()}
+
+
+def _stack_targets(items: list[dict[str, Any]], names: list[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in names:
+        if all(name in it for it in items):
+            out[name] = torch.from_numpy(np.stack([it[name] for it in items]))
+    return out
+
+
+def collate_padded(
+    items: list[dict[str, Any]], specs: dict[str, ModalitySpec], targets: list[str]
+) -> dict[str, Any]:
+    batch: dict[str, Any] = {}
+    real = padded = 0
+    for m, s in specs.items():
+        lengths = [it[m].shape[0] for it in items]
+        t = max(lengths)
+        x = np.zeros((len(items), t, *items[0][m].shape[1:]), np.float32)  # (B, T, C, H, W)
+        d = np.zeros((len(items), t, 3), np.int16)  # (B, T, 3)
+        v = np.zeros((len(items), t, *items[0][m].shape[2:]), bool)  # (B, T, H, W)
+        for b, it in enumerate(items):
+            n = lengths[b]
+            x[b, :n], d[b, :n], v[b, :n] = it[m], it[f"{m}_dates"], it[f"{m}_valid"]
+        batch[m], batch[f"{m}_dates"], batch[f"{m}_valid"] = map(torch.from_numpy, (x, d, v))
+        batch[f"{m}_ndates"] = torch.tensor(lengths, dtype=torch.int64)
+        per_date = len(s.groups) * s.tokens_per_date
+        real += sum(lengths) * per_date
+        padded += (t * len(items) - sum(lengths)) * per_date
+    batch["ref_date"] = torch.from_numpy(np.stack([it["ref_date"] for it in items]))
+    batch.update(_stack_targets(items, targets))
+    batch["_keys"] = [it["_key"] for it in items]
+    batch["_padding_fraction"] = padded / max(1, real + padded)
+    return batch
+
+
+def collate_packed(
+    items: list[dict[str, Any]],
+    specs: dict[str, ModalitySpec],
+    groups: dict[str, list[str]],
+    targets: list[str],
+    budget: int,
+) -> dict[str, Any]:
+    batch: dict[str, Any] = {}
+    tokens = [item_tokens(it, specs) for it in items]
+    for m in specs:
+        lengths = [it[m].shape[0] for it in items]
+        batch[m] = torch.from_numpy(np.concatenate([it[m] for it in items])[None])
+        batch[f"{m}_dates"] = torch.from_numpy(np.concatenate([it[f"{m}_dates"] for it in items])[None])
+        batch[f"{m}_valid"] = torch.from_numpy(np.concatenate([it[f"{m}_valid"] for it in items])[None])
+        batch[f"{m}_cu_dates"] = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32)
+    batch["cu_seqlens"] = torch.tensor(np.cumsum([0, *(sum(t.values()) for t in tokens)]), dtype=torch.int32)
+    for g, mods in groups.items():
+        per_item = [sum(t[m] for m in mods) for t in tokens]
+        batch[f"cu_seqlens_{g}"] = torch.tensor(np.cumsum([0, *per_item]), dtype=torch.int32)
+    batch["ref_date"] = torch.from_numpy(np.stack([it["ref_date"] for it in items]))
+    batch.update(_stack_targets(items, targets))
+    batch["_keys"] = [it["_key"] for it in items]
+    used = int(batch["cu_seqlens"][-1])
+    batch["_padding_fraction"] = (budget - used) / budget
+    return batch

@@ -1,0 +1,153 @@
+"""`build_loader`: the endless, resumable batch stream of one rank, fed by data-loader workers.
+
+Each of the `W = max(1, data.workers)` workers of a rank runs one reader of the plan (its own
+shards, shuffle and per-sample generators) and batches inside the worker. torch's DataLoader
+hands out batches round-robin over workers, so batch `k` comes from worker `k mod W`; the loader
+records, per worker, the stream position after its last batch. Restoring rotates the workers so
+that the one whose turn is next starts first, each from its recorded position: the restored
+stream yields exactly the batches the uninterrupted one would have (same ranks and workers).
+
+The stream never ends: the training loop counts steps, so ranks with unequal shares of an epoch
+never wait on each other. `batch["_skipped"]` (an int, summed over this rank's workers) and
+`batch["_epoch"]` travel with every batch, so reading them costs no device synchronization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from maestro.config import Config
+from maestro.errors import ConfigError, DataError
+from maestro.data.plan import Plan, load_shards
+from maestro.data.prepare import Recipe
+from maestro.data.stream import Batching, ReaderStream
+from shards import storage
+
+STATE_VERSION = 1
+
+
+class _RankStreams(IterableDataset):
+    """What each data-loader worker runs: its reader's batches from a recorded position."""
+
+    def __init__(self, loader: Loader, rotation: int):
+        self.plan, self.recipe, self.batching = loader.plan, loader.recipe, loader.batching
+        self.strict, self.rotation = loader.strict, rotation
+        self.positions, self.skipped = [list(p) for p in loader._positions], list(loader._skipped)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = ((0 if info is None else info.id) + self.rotation) % self.plan.workers
+        stream = ReaderStream(
+            self.plan,
+            self.recipe,
+            self.batching,
+            worker,
+            self.strict,
+            storage.open_file,
+            self.skipped[worker],
+        )
+        return stream.batches(self.positions[worker])
+
+
+class Loader:
+    """Batches for one rank, forever; see the module docstring."""
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, train: bool = True):
+        if not cfg.data.shards:
+            raise ConfigError(
+                "data.shards", cfg.data.shards, "the URL of a shard split (folder or s3://bucket/prefix)"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        manifest, shards = load_shards(cfg.data.shards)
+        stored = set(manifest["modalities"])
+        for name in cfg.derived.modalities:
+            if name not in stored:
+                raise ConfigError(
+                    "data.inputs", name, f"modalities stored in {cfg.data.shards} ({sorted(stored)})"
+                )
+        self.workers = cfg.data.workers
+        self.plan = Plan(
+            shards,
+            seed=cfg.data.seed,
+            rank=rank,
+            world_size=world_size,
+            workers=max(1, cfg.data.workers),
+            shuffle=train,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+        )
+        total = sum(s.samples for s in shards)
+        if total < self.plan.readers:
+            raise ConfigError(
+                "data.workers",
+                cfg.data.workers,
+                f"at most {total // world_size} workers per rank: {cfg.data.shards} holds {total} samples "
+                f"for {world_size} ranks",
+            )
+        self.recipe = Recipe.from_config(cfg, train)
+        self.batching = Batching(cfg.data.batch_size, cfg.data.token_budget, dict(cfg.derived.groups))
+        self.strict = cfg.data.strict
+        self.epoch = 0
+        self._batches = 0
+        self._positions = [[0, 0, 0] for _ in range(self.plan.workers)]
+        self._skipped = [0] * self.plan.workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        w = self.plan.workers
+        rotation = self._batches % w
+        data = _RankStreams(self, rotation)
+        loader = DataLoader(
+            data,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=2 if self.workers else None,
+        )
+        for j, batch in enumerate(loader):
+            worker = batch.pop("_worker")
+            assert worker == (rotation + j) % w, "data-loader workers out of round-robin order"
+            self._positions[worker] = list(batch.pop("_pos"))
+            self._skipped[worker] = batch.pop("_worker_skipped")
+            self._batches += 1
+            self.epoch = batch["_epoch"]
+            batch["_skipped"] = sum(self._skipped)
+            yield batch
+
+    def skipped_samples(self) -> int:
+        """Samples skipped as unreadable so far by this rank (as of the last batch yielded)."""
+        return sum(self._skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small JSON-able dict: where each worker's stream stands after the last batch yielded."""
+        return {
+            "version": STATE_VERSION,
+            "rank": self.plan.rank,
+            "world_size": self.plan.world_size,
+            "workers": self.plan.workers,
+            "seed": self.plan.seed,
+            "batches": self._batches,
+            "epoch": self.epoch,
+            "positions": [list(p) for p in self._positions],
+            "skipped": list(self._skipped),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("version", "rank", "world_size", "workers", "seed"):
+            if state.get(key) != mine[key]:
+                raise DataError(
+                    f"data stream state: '{key}' is {state.get(key)!r} but this loader has {mine[key]!r}; "
+                    f"a stream resumes exactly only with the same ranks, workers and seed"
+                )
+        self._batches, self.epoch = int(state["batches"]), int(state["epoch"])
+        self._positions = [list(map(int, p)) for p in state["positions"]]
+        self._skipped = [int(s) for s in state["skipped"]]
+
+
+def build_loader(cfg: Config, rank: int = 0, world_size: int = 1, train: bool = True) -> Loader:
+    """The batch stream of one rank (see `Loader`)."""
+    return Loader(cfg, rank=rank, world_size=world_size, train=train)

@@ -1,0 +1,134 @@
+"""Who reads what, in which order: shard list, split across ranks and workers, shuffle.
+
+The manifest gives every shard's sample count, so each epoch's whole read and emission order is
+computed up front, without I/O, from `(seed, epoch, rank, worker)`:
+
+- the shard list is permuted by `(seed, epoch)` (training only), identically on every rank;
+- it is dealt out to the `ranks × workers` readers (`units[g::R]`, reader `g = rank·W + worker`);
+  with fewer shards than readers each shard is cut into `k = ⌈R / S⌉` strided parts (sample `i`
+  belongs to part `i mod k`), so every reader has work and every sample still has one reader;
+- a reader's samples, in file order, pass a shuffle buffer of `shuffle_buffer` slots; the
+  buffer's emission order is simulated on indices, so a stream can resume at any emitted position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from maestro.errors import DataError
+from shards import manifest as manifest_io
+from shards import storage
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int
+    keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The part of a shard one reader takes: samples `offset, offset + stride, ...`."""
+
+    shard: int
+    offset: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class EpochOrder:
+    units: list[Unit]
+    read_unit: np.ndarray  # (M,) unit index (into `units`) of the r-th sample read
+    read_index: np.ndarray  # (M,) sample index within its shard
+    emission: np.ndarray  # (M,) read positions in the order they leave the shuffle buffer
+
+
+def buffer_order(count: int, slots: int, rng: np.random.Generator) -> np.ndarray:
+    """The order in which a `slots`-slot shuffle buffer emits `count` items fed in order 0..count-1."""
+    if slots <= 1 or count <= 1:
+        return np.arange(count)
+    u = rng.random(count)
+    buf: list[int] = []
+    out = np.empty(count, dtype=np.int64)
+    n = 0
+    for r in range(count):
+        if len(buf) < slots:
+            buf.append(r)
+            continue
+        j = int(u[r] * len(buf))
+        out[n], buf[j] = buf[j], r
+        n += 1
+    rest = np.array(buf, dtype=np.int64)
+    out[n:] = rest[rng.permutation(len(rest))]
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    shards: list[Shard]
+    seed: int
+    rank: int
+    world_size: int
+    workers: int  # readers per rank (data-loader workers, at least 1)
+    shuffle: bool
+    shuffle_buffer: int
+
+    @property
+    def readers(self) -> int:
+        return self.world_size * self.workers
+
+    def units(self, epoch: int, worker: int) -> list[Unit]:
+        order = np.arange(len(self.shards))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        parts = max(1, math.ceil(self.readers / len(self.shards)))
+        units = [Unit(int(j), o, parts) for j in order for o in range(parts)]
+        return units[self.rank * self.workers + worker :: self.readers]
+
+    def epoch_order(self, epoch: int, worker: int) -> EpochOrder:
+        units = self.units(epoch, worker)
+        counts = [len(range(u.offset, self.shards[u.shard].samples, u.stride)) for u in units]
+        read_unit = np.repeat(np.arange(len(units)), counts)
+        read_index = np.concatenate(
+            [np.arange(u.offset, self.shards[u.shard].samples, u.stride) for u in units] or [np.zeros(0, int)]
+        ).astype(np.int64)
+        slots = self.shuffle_buffer if self.shuffle else 0
+        rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
+        return EpochOrder(units, read_unit, read_index, buffer_order(len(read_unit), slots, rng))
+
+
+def load_shards(url: str) -> tuple[dict, list[Shard]]:
+    """The manifest and its shards, checked against what the folder/prefix really holds."""
+    manifest = manifest_io.read(url)
+    fs = storage.filesystem(url)
+    fs.invalidate_cache()
+    listing = {
+        p["name"].rstrip("/").rsplit("/", 1)[-1]: int(p["size"])
+        for p in fs.ls(fs._strip_protocol(url), detail=True)
+        if p.get("type") == "file"
+    }
+    listed = {s["name"] for s in manifest["shards"]}
+    where = manifest_io.url_of(url)
+    for s in manifest["shards"]:
+        if s["name"] not in listing:
+            raise DataError(
+                f"{where}: shard '{s['name']}' is listed but missing; re-upload it or rewrite the split"
+            )
+        if listing[s["name"]] != s["bytes"]:
+            raise DataError(
+                f"{where}: shard '{s['name']}' is {listing[s['name']]} bytes; the manifest says {s['bytes']}. "
+                f"Run `maestro shards verify {url}` and rewrite the split"
+            )
+    extra = sorted(n for n in listing if n.endswith(".tar") and n not in listed)
+    if extra:
+        raise DataError(
+            f"{where}: shards {extra[:5]} are not in the manifest; the split is mixed with another one"
+        )
+    if not manifest["shards"]:
+        raise DataError(f"{where}: lists no shards")
+    shards = [Shard(storage.join(url, s["name"]), s["samples"], tuple(s["keys"])) for s in manifest["shards"]]
+    return manifest, shards

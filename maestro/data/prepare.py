@@ -1,0 +1,134 @@
+"""From one decoded shard sample to model-ready items: crop → date policy → scaling → flips.
+
+An item holds, per input modality `MOD`: `MOD (T, C, h, w)` float32 scaled values (0 where
+invalid), `MOD_dates (T, 3)` int16, `MOD_valid (T, h, w)` bool; `ref_date (1, 3)` int16; the
+targets present; and `_key`. Training gives one item per sample (random crop, random flips when
+`augment`); evaluation gives the deterministic crop grid, unflipped, with the dates chosen as the
+reference's eval mode does (the bin offset is still drawn, as the reference draws it in every stage).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from maestro.config import Config
+from maestro.errors import DataError
+from maestro.modalities import ModalitySpec, TargetSpec
+from maestro.data import dates as date_policy
+from maestro.data.geometry import Geometry, geometry
+from maestro.data.transforms import apply_flips, flips, missing_values, scale, select_channels
+from shards.schema import Sample
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything the per-sample transforms need, taken once from a resolved config."""
+
+    specs: dict[str, ModalitySpec]
+    targets: dict[str, TargetSpec]
+    geom: Geometry
+    ref_date: str
+    train: bool
+    augment: bool
+    random_dates: bool
+
+    @classmethod
+    def from_config(cls, cfg: Config, train: bool) -> Recipe:
+        d = cfg.derived
+        return cls(
+            specs=dict(d.modalities),
+            targets=dict(d.targets),
+            geom=geometry(d.modalities, d.tile_m, d.crop_m),
+            ref_date=d.ref_date,
+            train=train,
+            augment=train and cfg.data.augment,
+            random_dates=train and cfg.data.random_dates,
+        )
+
+
+def fixed_date(text: str) -> np.ndarray:
+    """'YYYY-MM-DD' -> `(1, 3)` int16 `(year, day_of_year, 0)`."""
+    d = datetime.date.fromisoformat(text)
+    return np.array([[d.year, d.timetuple().tm_yday, 0]], dtype=np.int16)
+
+
+def modality_item(
+    x: np.ndarray,
+    acq_dates: np.ndarray,
+    cloudy: np.ndarray | None,
+    spec: ModalitySpec,
+    rng: np.random.Generator,
+    random_dates: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cropped raw `x (T, C, h, w)` -> scaled `(N, C, h, w)`, dates `(N, 3)`, valid `(N, h, w)`."""
+    missing = missing_values(x, spec)  # (T, h, w)
+    if spec.dates == "bins":
+        t = x.shape[0]
+        offset = date_policy.draw_offset(t, spec.num_dates, rng)
+        xf = np.where(missing[:, None], np.float32(np.nan), x.astype(np.float32, copy=False))
+        sel = date_policy.select_bins(xf, cloudy, spec.num_dates, offset, rng if random_dates else None)
+    else:
+        sel = date_policy.select_all(x.shape[0])
+    pad = sel.index < 0
+    idx = np.where(pad, 0, sel.index)
+    if x.shape[0] == 0:  # nothing acquired: every bin is padding
+        n, (c, h, w) = len(idx), x.shape[1:]
+        return np.zeros((n, c, h, w), np.float32), np.zeros((n, 3), np.int16), np.zeros((n, h, w), bool)
+    values = scale(x[idx], spec)  # (N, C, h, w)
+    valid = ~missing[idx]
+    if cloudy is not None:
+        valid &= ~cloudy[idx]
+    valid[pad] = False
+    values[np.broadcast_to((missing[idx] | pad[:, None, None])[:, None], values.shape)] = 0.0
+    return values, acq_dates[idx].astype(np.int16), valid
+
+
+def prepare(sample: Sample, recipe: Recipe, rng: np.random.Generator, where: str) -> list[dict[str, Any]]:
+    """The model items of one sample (one in training, the crop grid otherwise)."""
+    geom = recipe.geom
+    origins = [geom.random_origin(rng)] if recipe.train else geom.origins
+    items = []
+    for origin in origins:
+        item: dict[str, Any] = {"_key": sample.key}
+        for name, spec in recipe.specs.items():
+            if name not in sample.arrays:
+                raise DataError(f"{where}: input modality '{name}' is missing (has {sorted(sample.arrays)})")
+            x = select_channels(sample.arrays[name], spec, f"{where} '{name}.npy'")
+            rows, cols = geom.window(geom.sizes[name], origin, geom.shifts[name])
+            if x.shape[2] < rows.stop or x.shape[3] < cols.stop:
+                raise DataError(
+                    f"{where}: '{name}.npy' is {x.shape[2]}x{x.shape[3]} px; the crop needs "
+                    f"{rows.stop}x{cols.stop} (tile {geom.sizes[name]} px + shift {geom.shifts[name]})"
+                )
+            valid = sample.valid.get(name)
+            cloudy = None if valid is None else valid[:, rows, cols] == 0
+            values, acq, ok = modality_item(
+                x[:, :, rows, cols], sample.dates[name], cloudy, spec, rng, recipe.random_dates
+            )
+            item[name], item[f"{name}_dates"], item[f"{name}_valid"] = values, acq, ok
+        if recipe.ref_date in recipe.specs:
+            item["ref_date"] = item[f"{recipe.ref_date}_dates"][:1]
+        else:
+            item["ref_date"] = fixed_date(recipe.ref_date)
+        for name, tspec in recipe.targets.items():
+            if name not in sample.targets:
+                continue
+            y = sample.targets[name]
+            if tspec.kind == "segmentation":
+                if y.ndim < 2 or y.shape[-1] != y.shape[-2]:
+                    raise DataError(f"{where}: target '{name}.npy' is {y.shape}; expected a square raster")
+                rows, cols = geom.window(y.shape[-1], origin)
+                y = y[..., rows, cols]
+            item[name] = np.ascontiguousarray(y)
+        if recipe.augment:
+            flip = flips(rng)
+            rasters = [*recipe.specs, *(f"{m}_valid" for m in recipe.specs)]
+            rasters += [t for t, ts in recipe.targets.items() if ts.kind == "segmentation" and t in item]
+            for name in rasters:
+                item[name] = apply_flips(item[name], flip)
+        items.append(item)
+    return items

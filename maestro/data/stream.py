@@ -1,0 +1,172 @@
+"""One reader's endless stream: epoch after epoch, samples in the plan's order, batched.
+
+A position `[epoch, p, sub]` means "next comes item `sub` of the `p`-th sample to leave the
+shuffle buffer in `epoch`". Reading resumes there exactly: samples emitted before `p` are skipped
+unread (by seeking), the ones still in the buffer at `p` are read again. Samples are decoded only
+when they leave the buffer. A sample that cannot be read, decoded or prepared (after retries for
+transient read errors) is skipped and counted; with `strict` the error is raised instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+
+from maestro.errors import DataError
+from maestro.modalities import ModalitySpec
+from maestro.data.collate import collate_packed, collate_padded, item_tokens
+from maestro.data.plan import EpochOrder, Plan
+from maestro.data.prepare import Recipe, prepare
+from maestro.data.tar_stream import read_samples
+from shards.schema import decode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Failed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Batching:
+    batch_size: int
+    token_budget: int  # > 0: packed batches
+    groups: dict[str, list[str]]
+
+
+class ReaderStream:
+    """Batches of one reader (rank, logical worker), from a start position, forever."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        recipe: Recipe,
+        batching: Batching,
+        worker: int,
+        strict: bool,
+        opener: Callable[[str], IO[bytes]],
+        skipped: int = 0,
+    ):
+        self.plan, self.recipe, self.batching = plan, recipe, batching
+        self.worker, self.strict, self.opener = worker, strict, opener
+        self.skipped = skipped  # samples skipped so far by this reader (restored with its position)
+
+    def _fail(self, where: str, e: BaseException) -> _Failed:
+        if self.strict:
+            raise e
+        log.warning("skipping %s: %s", where, e)
+        return _Failed(f"{e.__class__.__name__}: {e}")
+
+    def _emitted(self, order: EpochOrder, start: int) -> Iterator[tuple[int, int, Any]]:
+        """(p, read position, members or _Failed) for emissions p >= start, reading shards in order."""
+        m = len(order.emission)
+        if start >= m:
+            return
+        arrived = np.zeros(m, dtype=bool)
+        arrived[order.emission[:start]] = True
+        pending: dict[int, Any] = {}
+        p = start
+        unit_start = np.searchsorted(order.read_unit, np.arange(len(order.units) + 1))
+        first = int(order.read_unit[order.emission[start:].min()])
+        for ui in range(first, len(order.units)):
+            unit = order.units[ui]
+            shard = self.plan.shards[unit.shard]
+            r0, r1 = int(unit_start[ui]), int(unit_start[ui + 1])
+            position = {shard.keys[i]: r0 + n for n, i in enumerate(order.read_index[r0:r1])}
+            reason = "missing from its shard (listed in the manifest)"
+
+            def want(key: str) -> bool:
+                return key in position and not arrived[position[key]]
+
+            try:
+                for key, members in read_samples(shard.url, want, self.opener):
+                    r = position[key]
+                    arrived[r] = True
+                    pending[r] = members
+                    while p < m and order.emission[p] in pending:
+                        yield p, int(order.emission[p]), pending.pop(int(order.emission[p]))
+                        p += 1
+            except (DataError, OSError) as e:
+                reason = self._fail(shard.url, e).reason
+            for r in range(r0, r1):
+                if not arrived[r]:
+                    arrived[r] = True
+                    pending[r] = _Failed(reason)
+            while p < m and order.emission[p] in pending:
+                yield p, int(order.emission[p]), pending.pop(int(order.emission[p]))
+                p += 1
+
+    def items(self, start: list[int]) -> Iterator[tuple[dict[str, Any], list[int], int]]:
+        """(item, position after it, samples skipped before it), forever."""
+        epoch, p0, sub0 = start
+        plan = self.plan
+        while True:
+            order = plan.epoch_order(epoch, self.worker)
+            produced = False
+            for p, r, got in self._emitted(order, p0):
+                shard_i = order.units[int(order.read_unit[r])].shard
+                index = int(order.read_index[r])
+                shard = plan.shards[shard_i]
+                where = f"{shard.url} sample '{shard.keys[index]}'"
+                if not isinstance(got, _Failed):
+                    rng = np.random.default_rng([plan.seed, epoch, plan.rank, self.worker, shard_i, index])
+                    try:
+                        got = prepare(
+                            decode(shard.keys[index], got, f"{shard.url} "), self.recipe, rng, where
+                        )
+                    except Exception as e:  # anything a bad sample can raise; strict re-raises
+                        got = self._fail(where, e)
+                if isinstance(got, _Failed):
+                    self.skipped += 1
+                    if self.strict:
+                        raise DataError(f"{where}: {got.reason}")
+                    continue
+                for sub in range(sub0 if p == p0 else 0, len(got)):
+                    produced = True
+                    after = [epoch, p + 1, 0] if sub + 1 == len(got) else [epoch, p, sub + 1]
+                    yield got[sub], after, self.skipped
+            if not produced and p0 == 0:
+                raise DataError(
+                    f"reader {plan.rank}/{self.worker}: no readable sample in epoch {epoch} "
+                    f"({len(order.emission)} planned, {self.skipped} skipped so far); the shards are unusable"
+                )
+            epoch, p0, sub0 = epoch + 1, 0, 0
+
+    def batches(self, start: list[int]) -> Iterator[dict[str, Any]]:
+        """Collated batches with their stream metadata, forever."""
+        specs: dict[str, ModalitySpec] = self.recipe.specs
+        targets = list(self.recipe.targets)
+        b = self.batching
+        items = self.items(start)
+        carry = None
+        while True:
+            taken, pos, skipped = [], None, 0
+            if b.token_budget <= 0:
+                for _ in range(b.batch_size):
+                    item, pos, skipped = next(items)
+                    taken.append(item)
+                batch = collate_padded(taken, specs, targets)
+            else:
+                used = 0
+                while True:
+                    item, after, skipped_before = carry if carry is not None else next(items)
+                    carry = None
+                    n = sum(item_tokens(item, specs).values())
+                    if n > b.token_budget:
+                        raise DataError(
+                            f"sample '{item['_key']}' has {n} tokens, more than data.token_budget="
+                            f"{b.token_budget}; raise the budget above the largest sample"
+                        )
+                    if used + n > b.token_budget:
+                        carry = (item, after, skipped_before)
+                        break
+                    taken.append(item)
+                    used, pos, skipped = used + n, after, skipped_before
+                batch = collate_packed(taken, specs, b.groups, targets, b.token_budget)
+            batch.update(_worker=self.worker, _pos=pos, _epoch=pos[0], _worker_skipped=skipped)
+            yield batch
