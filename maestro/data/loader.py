@@ -21,10 +21,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from maestro.config import Config
-from maestro.errors import ConfigError, DataError
 from maestro.data.plan import Plan, load_shards
 from maestro.data.prepare import Recipe
 from maestro.data.stream import Batching, ReaderStream
+from maestro.errors import ConfigError, DataError
 from shards import storage
 
 STATE_VERSION = 1

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 
 from maestro.config import Config
-from maestro.errors import DataError
-from maestro.modalities import ModalitySpec, TargetSpec
 from maestro.data import dates as date_policy
 from maestro.data.geometry import Geometry, geometry
 from maestro.data.transforms import apply_flips, flips, missing_values, scale, select_channels
+from maestro.errors import DataError
+from maestro.modalities import ModalitySpec, TargetSpec
 from shards.schema import Sample
 
 

@@ -16,12 +16,12 @@ from typing import IO, Any
 
 import numpy as np
 
-from maestro.errors import DataError
-from maestro.modalities import ModalitySpec
 from maestro.data.collate import collate_packed, collate_padded, item_tokens
 from maestro.data.plan import EpochOrder, Plan
 from maestro.data.prepare import Recipe, prepare
 from maestro.data.tar_stream import read_samples
+from maestro.errors import DataError
+from maestro.modalities import ModalitySpec
 from shards.schema import decode
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class ReaderStream:
             position = {shard.keys[i]: r0 + n for n, i in enumerate(order.read_index[r0:r1])}
             reason = "missing from its shard (listed in the manifest)"
 
-            def want(key: str) -> bool:
+            def want(key: str, position: dict[str, int] = position) -> bool:
                 return key in position and not arrived[position[key]]
 
             try:

@@ -9,6 +9,7 @@ corrupt header or a short read is the shard's fault and raises `DataError` at on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -85,10 +86,8 @@ class _Cursor:
 
     def close(self) -> None:
         if self.f is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.f.close()
-            except OSError:
-                pass
             self.f = None
 
 
