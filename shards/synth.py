@@ -21,6 +21,7 @@ from einops import rearrange, repeat
 from maestro import modalities as registry
 from maestro.modalities import DatasetPreset, ModalitySpec
 from shards import storage
+from shards import valid as valid_masks
 from shards.schema import Sample, sample_key
 from shards.writer import DEFAULT_SHARD_BYTES, ShardWriter, raw_band_names, write_split
 
@@ -77,11 +78,11 @@ class SynthItem:
 
 @dataclasses.dataclass
 class Scene:
-    """A generated sample before encoding; `cloud` holds S2 cloud probabilities (0-100) per date."""
+    """A generated sample before encoding; `masks` holds S2 (T, 2, H, W) snow/cloud probabilities 0-100."""
 
     arrays: dict[str, np.ndarray]
     dates: dict[str, np.ndarray]
-    cloud: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
     fractions: np.ndarray  # (K,) area fraction of each class
     class_maps: dict[str, np.ndarray]  # modality -> (H, W) class ids
     year: int
@@ -227,7 +228,8 @@ def make_scene(item: SynthItem) -> Scene:
             dup = 0.9 if mod.endswith("des") else 0.0
             dates = _dates(rng, year, lo, hi, hour, dup)
             if sensor == "s2":
-                scene.arrays[mod], scene.cloud[mod] = _s2(rng, cls, cmap, dates, spec)
+                scene.arrays[mod], cloud = _s2(rng, cls, cmap, dates, spec)
+                scene.masks[mod] = np.stack([np.zeros_like(cloud), cloud], 1).astype(np.float32)
             else:
                 scene.arrays[mod] = _s1(rng, cls, cmap, dates, spec)
         else:
@@ -261,19 +263,15 @@ def targets(p: DatasetPreset, scene: Scene) -> dict[str, np.ndarray]:
     return out
 
 
-def valid_mask(cloud: np.ndarray, threshold: float | None) -> np.ndarray:
-    """(T, H, W) uint8: 1 where the cloud probability is at most the threshold (0 by default)."""
-    return (cloud <= (threshold or 0.0)).astype(np.uint8)
-
-
 def read_item(item: SynthItem) -> Sample:
     """The Sample of a synthetic item (the `read` function of `write_split`)."""
     p = registry.preset(item.preset)
     scene = make_scene(item)
-    valid = {m: valid_mask(c, p.modalities[m].cloud_threshold) for m, c in scene.cloud.items()}
+    valid = {m: valid_masks.from_cloud(c, p.modalities[m].cloud_threshold) for m, c in scene.masks.items()}
     for mod, x in scene.arrays.items():
-        if np.issubdtype(x.dtype, np.floating) and mod not in valid and np.isnan(x).any():
-            valid[mod] = np.isfinite(x).all(1).astype(np.uint8)
+        v = None if mod in valid else valid_masks.from_nodata(x)
+        if v is not None:
+            valid[mod] = v
     ref = scene.dates[p.ref_date][0] if p.ref_date in scene.dates else _fixed_date(p.ref_date)
     meta = {
         "id": item.sample_id,
