@@ -16,7 +16,7 @@ import sys
 from maestro.errors import MaestroError
 
 # Modules that add top-level commands (`maestro NAME ...`) and `maestro bench NAME ...` commands.
-COMMAND_MODULES = ["maestro.cli_info", "shards.cli"]
+COMMAND_MODULES = ["maestro.cli_info", "shards.cli", "maestro.train.cli"]
 BENCH_MODULES: list[str] = []
 
 

@@ -1,0 +1,334 @@
+"""The pretraining loop: the same function in a Ray Train worker and in a plain single process.
+
+`train(cfg)` joins the process group, builds the model, the DeepSpeed engine (optimizer and
+schedule from `optim`), the EMA and this rank's shard stream, resumes from the run's newest
+complete checkpoint, and trains to `train.steps`. The hot loop never waits on the device: losses
+stay on it until a log step (`metrics.Interval`), where ranks also agree on divergence and on a
+stop request. A checkpoint is written every `train.checkpoint_every` steps, at the end, and when a
+stop is requested (SIGINT/SIGTERM in a plain process, the `STOP` file of the run under Ray).
+
+Masks are drawn from a generator reseeded from (seed, step, rank, micro-batch) at every step, so a
+resumed run draws the masks the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+import torch
+
+from maestro import config
+from maestro.config import Config
+from maestro.errors import CheckpointError, MaestroError
+from maestro.parallel import dist
+from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards
+from maestro.train import checkpoint, metrics, optim
+
+STOP_FILE = "STOP"
+
+
+class Diverged(MaestroError):
+    """The loss became NaN or infinite; the run stopped without writing a checkpoint after it."""
+
+
+def run_url(cfg: Config) -> str:
+    """`run.storage/run.name`: an absolute local path or an `s3://` URL."""
+    storage = cfg.run.storage if "://" in cfg.run.storage else os.path.abspath(cfg.run.storage)
+    return f"{storage.rstrip('/')}/{cfg.run.name}"
+
+
+def mask_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    return ((seed * 1_000_003 + step) * 4099 + rank) * 257 + micro
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to the device; floating ones in the engine's compute dtype."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+        out[k] = v
+    return out
+
+
+class Stepper:
+    """One optimizer step: `grad_accum` micro-batches through forward, backward and the engine step."""
+
+    def __init__(self, engine: Any, ema: optim.EMA | None, device: torch.device, seed: int, rank: int):
+        self.engine, self.ema, self.device = engine, ema, device
+        self.dtype = compute_dtype(engine)
+        self.seed, self.rank = seed, rank
+        self.generator = torch.Generator(device=device)
+
+    def __call__(self, step: int, batches: list[dict[str, Any]]) -> list[Any]:
+        outs = []
+        for i, batch in enumerate(batches):
+            self.generator.manual_seed(mask_seed(self.seed, step, self.rank, i))
+            out = self.engine(to_device(batch, self.device, self.dtype), generator=self.generator)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            outs.append(out)
+        if self.ema is not None:
+            self.ema.update()
+        return outs
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag instead of killing the process (main thread of a plain process only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _flops_per_sample(cfg: Config) -> float:
+    """Training FLOPs per sample: 3 × the forward FLOPs of `maestro info` (0 while unknown)."""
+    try:
+        from maestro.model.flops import flops_per_sample
+    except ImportError:
+        return 0.0
+    return 3.0 * float(flops_per_sample(cfg)["total"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, place: dist.Dist, on_step: Callable[[int, Any], None] | None):
+        from maestro.data import build_loader
+        from maestro.info import tokens
+        from maestro.model import build_model
+
+        self.cfg, self.place, self.on_step = cfg, place, on_step
+        self.url = run_url(cfg)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg)
+        optimizer = optim.build_optimizer(cfg, model)
+        schedule = optim.build_schedule(cfg, optimizer)
+        self.engine = build_engine(
+            cfg, model, optimizer, schedule, place.world_size, place.device.type == "cuda"
+        )
+        self.ema = (
+            optim.EMA(local_shards(self.engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
+        )
+        self.loader = build_loader(cfg, place.rank, place.world_size, train=True)
+        self.store = checkpoint.CheckpointStore(self.url, cfg.train.keep_checkpoints)
+        self.stepper = Stepper(self.engine, self.ema, place.device, cfg.train.seed, place.rank)
+        self.names = ["loss", *cfg.derived.modalities]
+        self.interval = metrics.Interval(self.names, place.device)
+        self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * place.world_size
+        self.tokens_per_sample = tokens(cfg)["total"]
+        self.flops_per_sample = _flops_per_sample(cfg)
+        self.peak = metrics.peak_flops(place.device) * place.world_size
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.board: metrics.Board | None = None
+        if place.is_main:
+            if self.store.local:
+                self.fs.makedirs(self.root, exist_ok=True)
+            self.tb_dir = (
+                f"{self.root}/tensorboard" if self.store.local else tempfile.mkdtemp(prefix="maestro-tb-")
+            )
+            self.board = metrics.Board(self.tb_dir)
+            self.fs.pipe_file(f"{self.root}/config.yaml", config.dump(cfg).encode())
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def _ema_name(self) -> str:
+        return f"rank{self.place.rank}_ema.pt" if self.cfg.train.zero_stage == 3 else "ema.pt"
+
+    def save(self, step: int) -> None:
+        r = self.place.rank
+        files = {f"rank{r}_data.pt": checkpoint.encode(self.loader.state_dict())}
+        run_files = {
+            "state.json": json.dumps(
+                {"step": step, "world_size": self.place.world_size, "zero_stage": self.cfg.train.zero_stage}
+            ).encode(),
+            "config.yaml": config.dump(self.cfg).encode(),
+            "version.json": json.dumps(checkpoint.code_version()).encode(),
+        }
+        if self.ema is not None:
+            owner = files if self.cfg.train.zero_stage == 3 else run_files
+            owner[self._ema_name()] = checkpoint.encode(self.ema.state_dict())
+        self.store.save(step, self.engine, r, files, run_files)
+        self.sync_board()
+
+    def restore(self) -> int:
+        """Load the newest complete checkpoint, if any; return its step (0 for a fresh run)."""
+        found = [self.store.latest() if self.place.is_main else None]
+        torch.distributed.broadcast_object_list(found, src=0)
+        step = found[0]
+        if step is None:
+            return 0
+        state = json.loads(self.store.read(step, "state.json"))
+        if state["world_size"] != self.place.world_size and state["zero_stage"] > 0:
+            raise CheckpointError(
+                f"{self.url}/{checkpoint.tag(step)} was written by {state['world_size']} workers with ZeRO "
+                f"stage {state['zero_stage']}, this run has {self.place.world_size}: ZeRO partitions load "
+                f"only at the same world size. Rerun with run.workers={state['world_size']}, or convert it "
+                "with `python -m deepspeed.checkpoint.ds_to_universal` and start a new run from it"
+            )
+        self.store.load(step, self.engine, self.place.rank)
+        self.loader.load_state_dict(
+            checkpoint.decode(self.store.read(step, f"rank{self.place.rank}_data.pt"))
+        )
+        if self.ema is not None:
+            self.ema.load_state_dict(checkpoint.decode(self.store.read(step, self._ema_name())))
+        if self.place.is_main:
+            print(f"resumed from {self.url}/{checkpoint.tag(step)} (step {step})", flush=True)
+        return step
+
+    def sync_board(self) -> None:
+        """Flush TensorBoard; for remote runs copy the event files to `RUN/tensorboard`."""
+        if self.board is None:
+            return
+        self.board.flush()
+        if not self.store.local:
+            self.fs.put(f"{self.tb_dir}/", f"{self.root}/tensorboard/", recursive=True)
+
+    def stop_file_present(self) -> bool:
+        self.fs.invalidate_cache()
+        return self.fs.exists(f"{self.root}/{STOP_FILE}")
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def log(self, step: int, reduced: dict, seconds: float, steps: int, data_wait: float) -> None:
+        losses = reduced["losses"]
+        sps = steps * self.global_batch / seconds
+        values = {"train/loss": losses["loss"]}
+        values.update({f"train/loss/{m}": losses[m] for m in self.names[1:]})
+        values["train/lr"] = self.engine.get_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        values.update(
+            {
+                "perf/samples_per_s": sps,
+                "perf/tokens_per_s": sps * self.tokens_per_sample,
+                "perf/data_wait_frac": data_wait / seconds,
+                "perf/step_time_s": seconds / steps,
+                "mem/peak_gb": metrics.peak_memory_gb(self.place.device),
+                "data/skipped_samples": reduced["skipped"],
+            }
+        )
+        if self.flops_per_sample and self.peak:
+            values["perf/mfu"] = sps * self.flops_per_sample / self.peak
+        assert self.board is not None
+        self.board.scalars(step, values)
+        print(
+            metrics.progress_line(step, self.cfg.train.steps, losses["loss"], sps, seconds / steps),
+            flush=True,
+        )
+
+    def images(self, step: int, out: Any) -> None:
+        assert self.board is not None
+        for m in self.cfg.derived.modalities:
+            panel = metrics.reconstruction_panel(
+                out.targets[m][0, 0], out.reconstructions[m][0, 0], out.pixel_masks[m][0, 0]
+            )
+            self.board.image(step, f"images/{m}", panel)
+
+    def run(self, stop: StopSignal) -> dict[str, Any]:
+        c = self.cfg.train
+        start = step = self.restore()
+        batches = iter(self.loader)
+        last_log, last_time, data_wait = step, time.perf_counter(), 0.0
+        stopped, loss = False, float("nan")
+        while step < c.steps and not stopped:
+            micro = []
+            for _ in range(c.grad_accum):
+                t = time.perf_counter()
+                micro.append(next(batches))
+                data_wait += time.perf_counter() - t
+            outs = self.stepper(step, micro)
+            step += 1
+            for out in outs:
+                self.interval.add(step, [out.loss, *(out.loss_per_modality[m] for m in self.names[1:])])
+            if self.board is not None and step % c.image_every == 0:
+                self.images(step, outs[-1])
+            if self.on_step is not None:
+                self.on_step(step, self.engine)
+            save_due = step % c.checkpoint_every == 0 or step == c.steps
+            if not (save_due or step % c.log_every == 0):
+                continue
+            wants_stop = stop.requested or (self.place.is_main and self.stop_file_present())
+            reduced = self.interval.reduce(self.loader.skipped_samples(), wants_stop)
+            if reduced["first_bad_step"] is not None:
+                self.sync_board()
+                raise Diverged(
+                    f"non-finite loss at step {reduced['first_bad_step']} in {', '.join(reduced['nonfinite'])} "
+                    f"of run {self.url}; the last good checkpoint is {self._last_checkpoint()}. Lower "
+                    "optim.base_lr or check the data (maestro shards inspect), then rerun to resume from it"
+                )
+            now = time.perf_counter()
+            loss = reduced["losses"]["loss"]
+            if self.board is not None:
+                self.log(step, reduced, now - last_time, step - last_log, data_wait)
+            last_log, last_time, data_wait = step, now, 0.0
+            stopped = reduced["stop"]
+            if save_due or stopped:
+                self.save(step)
+        self.sync_board()
+        return {"step": step, "start_step": start, "loss": loss, "stopped": stopped, "run": self.url}
+
+    def _last_checkpoint(self) -> str:
+        latest = self.store.latest()
+        return "none" if latest is None else f"{self.url}/{checkpoint.tag(latest)}"
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def train(cfg: Config, on_step: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run of `cfg` on this process's rank; returns a summary on every rank.
+
+    `on_step(step, engine)` runs after each optimizer step (fault injection in tests).
+    """
+    place = dist.init(config.uses_gpu(cfg))
+    try:
+        trainer = Trainer(cfg, place, on_step)
+        try:
+            with StopSignal() as stop:
+                return trainer.run(stop)
+        finally:
+            trainer.close()
+    finally:
+        dist.shutdown()
+
+
+def payload(cfg: Config) -> dict[str, Any]:
+    """The config as plain data for `train_loop_config` (resolved again on each worker)."""
+    return {"config": {k: v for k, v in cfg.to_dict().items() if k != "derived"}}
+
+
+def worker_entry(loop_config: dict[str, Any], on_step: Callable[[int, Any], None] | None = None) -> None:
+    """The Ray Train worker function: train, then report the summary (rank 0's reaches the driver).
+
+    Divergence is reported, not raised: a restart from the last checkpoint would diverge again.
+    """
+    import ray.train
+
+    cfg = config.from_dict(loop_config["config"])
+    try:
+        summary = train(cfg, on_step)
+    except Diverged as e:
+        summary = {"diverged": str(e)}
+    ray.train.report(summary)

@@ -1,0 +1,166 @@
+"""Optimizer recipe, EMA, checkpoint store (local and S3) and metrics, on a stand-in module in one process."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from maestro import config
+from maestro.parallel import dist
+from maestro.parallel.deepspeed import build_engine, local_shards
+from maestro.train import checkpoint, metrics, optim
+
+
+def _cfg(*overrides: str):
+    return config.from_dict({}, ["run.use_gpu=false", "train.steps=100", *overrides])
+
+
+class StandIn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(self.lin(x)).pow(2).mean()
+
+
+@pytest.fixture
+def one_rank():
+    """A one-rank gloo group in this process; the environment is restored afterwards."""
+    saved = dict(os.environ)
+    place = dist.init(use_gpu=False)
+    yield place
+    dist.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_one_cycle_schedule_and_adamw_follow_the_reference():
+    cfg = _cfg("optim.base_lr=0.001", "data.batch_size=6", "run.workers=2")
+    assert cfg.derived.lr == pytest.approx(1e-3 * math.sqrt(12 / 3))
+    model = StandIn()
+    opt = optim.build_optimizer(cfg, model)
+    sched = optim.build_schedule(cfg, opt)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99)
+    assert opt.param_groups[0]["weight_decay"] == 0.01
+    lrs = []
+    for step in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if step < 99:
+            sched.step()
+    peak = cfg.derived.lr
+    assert lrs[0] == pytest.approx(peak / 1000)
+    assert max(lrs) == pytest.approx(peak, rel=1e-3) and lrs.index(max(lrs)) in (19, 20)
+    assert lrs[-1] == pytest.approx(peak / 1e7, rel=1e-3)
+
+
+def test_weight_decay_exclusions_leave_matrices_decayed():
+    cfg = _cfg("optim.decay_norms_and_biases=false")
+    groups = optim.parameter_groups(cfg, StandIn())
+    assert [p.ndim for p in groups[0]["params"]] == [2]
+    assert sorted(p.ndim for p in groups[1]["params"]) == [1, 1, 1] and groups[1]["weight_decay"] == 0.0
+
+
+def test_ema_matches_hand_computed_average_and_round_trips():
+    w = torch.tensor([1.0, 2.0])
+    ema = optim.EMA([w], momentum=0.9)
+    w += 10.0
+    ema.update()
+    assert torch.allclose(ema.shadow[0], torch.tensor([1.0, 2.0]) * 0.9 + torch.tensor([11.0, 12.0]) * 0.1)
+    other = optim.EMA([torch.zeros(2)], momentum=0.9)
+    other.load_state_dict(checkpoint.decode(checkpoint.encode(ema.state_dict())))
+    assert torch.equal(other.shadow[0], ema.shadow[0])
+    with pytest.raises(Exception, match="EMA state holds tensors of shapes"):
+        optim.EMA([torch.zeros(3)], 0.9).load_state_dict(ema.state_dict())
+
+
+def _engine(stage: int, seed: int):
+    cfg = _cfg(f"train.zero_stage={stage}", "data.batch_size=4", "optim.base_lr=0.01")
+    torch.manual_seed(seed)
+    model = StandIn()
+    opt = optim.build_optimizer(cfg, model)
+    return build_engine(cfg, model, opt, optim.build_schedule(cfg, opt), world_size=1, use_gpu=False)
+
+
+def _train(engine, steps: int):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        loss = engine(torch.randn(4, 6, generator=g))
+        engine.backward(loss)
+        engine.step()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_checkpoint_store_marks_prunes_and_restores(where, one_rank, tmp_path, request):
+    if where == "s3":
+        url = f"s3://{request.getfixturevalue('s3_bucket')}/runs/r1"
+    else:
+        url = str(tmp_path / "runs" / "r1")
+    store = checkpoint.CheckpointStore(url, keep=2)
+    engine = _engine(2, seed=0)
+    for step in (1, 2, 3):
+        _train(engine, 1)
+        store.save(step, engine, 0, {"rank0_data.pt": checkpoint.encode({"step": step})}, {"note": b"x"})
+    assert store.complete_steps() == [2, 3]
+    # A checkpoint cut short (no marker) is never the one resumed from, and is pruned later.
+    store.fs.makedirs(f"{store.root}/{checkpoint.tag(9)}", exist_ok=True)
+    store.fs.pipe_file(f"{store.root}/{checkpoint.tag(9)}/rank0_data.pt", b"partial")
+    assert store.latest() == 3
+    assert checkpoint.decode(store.read(3, "rank0_data.pt")) == {"step": 3}
+    saved = [t.clone() for t in local_shards(engine.module)]
+    lr = engine.get_lr()[0]
+    fresh = _engine(2, seed=1)
+    assert not torch.equal(local_shards(fresh.module)[0], saved[0])
+    store.load(3, fresh, rank=0)
+    assert all(torch.equal(a, b) for a, b in zip(local_shards(fresh.module), saved))
+    assert fresh.get_lr()[0] == pytest.approx(lr)
+    _train(engine, 1)
+    _train(fresh, 1)  # the optimizer state came back too: the next step is identical
+    assert all(torch.equal(a, b) for a, b in zip(local_shards(fresh.module), local_shards(engine.module)))
+    store.save(4, engine, 0, {}, {})
+    assert store.complete_steps() == [3, 4]
+    assert not store.fs.exists(f"{store.root}/{checkpoint.tag(9)}")
+    with pytest.raises(Exception, match="missing from a checkpoint marked complete"):
+        store.read(4, "rank0_data.pt")
+
+
+def test_interval_reduces_means_and_names_the_first_nonfinite_step(one_rank):
+    iv = metrics.Interval(["loss", "s2"], one_rank.device)
+    iv.add(1, [torch.tensor(2.0), torch.tensor(1.0)])
+    iv.add(2, [torch.tensor(4.0), torch.tensor(3.0)])
+    out = iv.reduce(skipped=5, stop=False)
+    assert out["losses"] == {"loss": 3.0, "s2": 2.0}
+    assert out["first_bad_step"] is None and out["skipped"] == 5 and not out["stop"]
+    iv.add(3, [torch.tensor(1.0), torch.tensor(1.0)])
+    iv.add(4, [torch.tensor(float("nan")), torch.tensor(float("inf"))])
+    iv.add(5, [torch.tensor(float("nan")), torch.tensor(1.0)])
+    out = iv.reduce(skipped=0, stop=True)
+    assert out["first_bad_step"] == 4 and out["nonfinite"] == ["loss", "s2"] and out["stop"]
+
+
+def test_board_event_files_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = metrics.Board(tmp_path / "tb")
+    board.scalars(3, {"train/loss": 0.5, "perf/mfu": 0.1})
+    panel = metrics.reconstruction_panel(torch.rand(4, 8, 8), torch.rand(4, 8, 8), torch.rand(4, 8, 8) > 0.5)
+    assert panel.shape == (3, 8, 28) and panel.min() >= 0 and panel.max() <= 1
+    board.image(3, "images/aerial", panel)
+    board.close()
+    acc = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert acc.Scalars("train/loss")[0].value == pytest.approx(0.5)
+    assert acc.Scalars("train/loss")[0].step == 3
+    assert acc.Tags()["images"] == ["images/aerial"]
+
+
+def test_progress_line_and_peaks():
+    line = metrics.progress_line(10, 70, 0.25, 12.5, 2.0)
+    assert line == "step 10/70  loss 0.2500  12.5 samples/s  ETA 0:02:00"
+    assert metrics.measured_cpu_flops(seconds=0.05, n=64) > 1e6
+    assert metrics.PEAK_FLOPS["H100"] == 989e12
