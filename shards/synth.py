@@ -246,7 +246,8 @@ def make_scene(item: SynthItem) -> Scene:
         np.bincount(scene.class_maps[finest].ravel(), minlength=k) / scene.class_maps[finest].size
     )
     x0, y0 = 400000 + 1000 * (item.index % 100), 5800000 + 1000 * (item.index // 100)
-    scene.bounds = [x0, y0, x0 + p.tile_m, y0 + p.tile_m]
+    extent = max(scene.class_maps[m].shape[0] * p.modalities[m].resolution_m for m in p.modalities)
+    scene.bounds = [x0, y0, x0 + extent, y0 + extent]
     return scene
 
 
