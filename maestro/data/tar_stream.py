@@ -24,22 +24,25 @@ RETRIES = 3
 BACKOFF_S = 0.05  # first wait; multiplied by 4 each retry
 
 
-def _octal(field: bytes) -> int:
+def _octal(field: bytes, where: str) -> int:
     text = field.rstrip(b"\0 ").lstrip(b" ")
-    return int(text, 8) if text else 0
+    try:
+        return int(text, 8) if text else 0
+    except ValueError as e:
+        raise DataError(f"{where}: corrupt tar header (number field {field!r}); the shard is damaged") from e
 
 
 def parse_header(block: bytes, where: str) -> tuple[str, int, bytes] | None:
     """(member name, data size, type flag) of a header block; None at the end-of-archive block."""
     if block == bytes(BLOCK):
         return None
-    stored = _octal(block[148:156])
+    stored = _octal(block[148:156], where)
     actual = sum(block[:148]) + 8 * 32 + sum(block[156:])
     if stored != actual:
         raise DataError(f"{where}: corrupt tar header (checksum {stored} != {actual}); the shard is damaged")
     name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
     prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-    return (f"{prefix}/{name}" if prefix else name), _octal(block[124:136]), block[156:157]
+    return (f"{prefix}/{name}" if prefix else name), _octal(block[124:136], where), block[156:157]
 
 
 def split_name(name: str) -> tuple[str, str]:
