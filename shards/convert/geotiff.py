@@ -62,11 +62,12 @@ def write(path: Path, x: np.ndarray, crs_epsg: int, origin: tuple[float, float],
     """Write (C, H, W) pixels as a pixel-interleaved GeoTIFF in a projected EPSG CRS (test archives)."""
     keys = [1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, crs_epsg]
     path.parent.mkdir(parents=True, exist_ok=True)
+    single = x.shape[0] == 1
     tifffile.imwrite(
         path,
-        rearrange(x, "c h w -> h w c"),
+        x[0] if single else rearrange(x, "c h w -> h w c"),
         photometric="minisblack",
-        planarconfig="contig",
+        planarconfig=None if single else "contig",
         extratags=[
             (33550, "d", 3, (pixel, pixel, 0.0)),
             (33922, "d", 6, (0.0, 0.0, 0.0, origin[0], origin[1], 0.0)),
