@@ -1,0 +1,413 @@
+"""The MAESTRO masked autoencoder (maestro_reference.md §1–3), single-device.
+
+Read top to bottom: `prepare` (resize, invalid pixels zeroed), `embed` (patch embedding + position
++ date), `to_sequences` (fusion: one token sequence per key), `draw_masks`, `encode_rows` (per-key
+encoders then the joint blocks), `decode` (un-mask with each position's own mask token, decoder),
+`loss`. Tokens of a modality are ordered band group, date, row-major position; a sequence key
+concatenates its modalities in input order.
+
+Sequence keys by `model.fusion` (also the keys of the masks, as `maestro.info.sequences`):
+- `group`: one per fusion group (groups come from the registry, so YAML can regroup modalities);
+- `mod`: one per modality;
+- `monotemp`, `shared`: one per modality, whose tokens form one sequence per image (band group and
+  date); masks are `(B, G·T·L)` with exactly `round(ratio·L)` masked tokens per image when drawn.
+  `shared` runs every modality through one encoder and one decoder (module key `shared`).
+Inside the encoder tokens travel as packed rows (`attention.Packing`), so given masks with unequal
+visible counts per sample work too; random draws keep every sequence the same length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from maestro.config import Config
+from maestro.info import group_mask_ratio, masked_count
+from maestro.model import targets
+from maestro.model.attention import Packing, check_backend
+from maestro.model.blocks import Transformer
+from maestro.model.encodings import date_encoding, position_encoding
+from maestro.model.masking import Structure, exact_mask, propose, select_visible
+from maestro.model.ops import kernel_ops
+from maestro.model.patch_embed import Patchify, Pixelify, to_image, to_patches
+from maestro.sizes import SIZES
+
+Batch = dict[str, Tensor]
+
+
+@dataclass
+class ModelOutput:
+    """What a pretraining forward returns. `reconstructions` are in the target space of
+    `loss.target_norm` (normalized patches for `patch_group`); `targets` are the resized inputs
+    (invalid pixels zeroed); `masks` {key: (B, L_key)} and `pixel_masks` {MOD: (B, T, C, H, W)} are
+    True where masked; `valid` {MOD: (B, T, H, W)} the pixels that count in the loss."""
+
+    loss: Tensor
+    loss_per_modality: dict[str, Tensor]
+    reconstructions: dict[str, Tensor]
+    targets: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    pixel_masks: dict[str, Tensor]
+    valid: dict[str, Tensor]
+
+
+class MAESTRO(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        size = SIZES[cfg.model.size]
+        self.specs = dict(cfg.derived.modalities)
+        self.fusion, self.backend = cfg.model.fusion, cfg.model.attention
+        self.dim, self.dec_dim = size.dim, size.decoder_dim
+        self.date_scale = 1.0 if cfg.model.use_date_enc else 0.0
+        self.ops = kernel_ops(cfg.model.kernels)
+        self.loss_kind = cfg.loss.kind
+        self.norm_plans = {m: targets.norm_plan(m, s, cfg.loss.target_norm) for m, s in self.specs.items()}
+
+        if self.fusion == "group":
+            self.members = {k: list(v) for k, v in cfg.derived.groups.items()}
+        else:
+            self.members = {m: [m] for m in self.specs}
+        self.per_image = self.fusion in ("shared", "monotemp")
+        self.module_key = {k: ("shared" if self.fusion == "shared" else k) for k in self.members}
+
+        first = {}
+        for s in self.specs.values():
+            first.setdefault(s.embed, s)
+        self.patch_embed = nn.ModuleDict(
+            {e: Patchify(s.groups, size.dim, s.patch_size) for e, s in first.items()}
+        )
+        self.embed_to_rec = nn.ModuleDict(
+            {e: Pixelify(s.groups, size.decoder_dim, s.patch_size) for e, s in first.items()}
+        )
+
+        def transformer(dim: int, depth: int, heads: int, dim_head: int, hidden: int) -> Transformer:
+            return Transformer(dim, depth, heads, dim_head, hidden, cfg.model.attention)
+
+        keys = sorted(set(self.module_key.values()), key=list(self.module_key.values()).index)
+        enc_depth = size.depth - cfg.model.inter_depth
+        self.encoder = nn.ModuleDict(
+            {k: transformer(size.dim, enc_depth, size.heads, size.dim_head, size.mlp_hidden) for k in keys}
+        )
+        if cfg.model.inter_depth > 0:
+            self.encoder_inter = transformer(
+                size.dim, cfg.model.inter_depth, size.heads, size.dim_head, size.mlp_hidden
+            )
+        else:
+            self.encoder_inter = None
+        self.enc_to_dec = nn.ModuleDict(
+            {
+                k: nn.Identity() if size.dim == size.decoder_dim else nn.Linear(size.dim, size.decoder_dim)
+                for k in keys
+            }
+        )
+        self.decoder = nn.ModuleDict(
+            {
+                k: transformer(
+                    size.decoder_dim,
+                    size.decoder_depth,
+                    size.decoder_heads,
+                    size.decoder_dim_head,
+                    size.decoder_mlp_hidden,
+                )
+                for k in keys
+            }
+        )
+        self.mask_token = nn.ParameterDict(
+            {
+                m: nn.Parameter(torch.randn(1, len(s.groups), 1, 1, size.decoder_dim))
+                for m, s in self.specs.items()
+            }
+        )
+        # Position tables per modality, computed once (non-persistent: not in checkpoints).
+        side = cfg.derived.grid_pos_enc or _lcm_grid(self.specs)
+        for m, s in self.specs.items():
+            self.register_buffer(f"pos_enc_{m}", position_encoding(side, size.dim, s.grid), persistent=False)
+            self.register_buffer(
+                f"pos_dec_{m}", position_encoding(side, size.decoder_dim, s.grid), persistent=False
+            )
+        self.structure = self._structures(cfg)
+
+    # --- configuration helpers ------------------------------------------------------------------
+
+    def _structures(self, cfg: Config) -> dict[str, Structure]:
+        """Structural mask probabilities per modality (§2.1); dates apply only when T > 1."""
+        mk = cfg.mask
+        out = {}
+        for members in self.members.values():
+            for m in members:
+                if self.per_image:
+                    out[m] = Structure()
+                    continue
+                shares = self.fusion == "group" and len(members) > 1
+                out[m] = Structure(
+                    modality=mk.modality if shares else None,
+                    bands=mk.bands if len(self.specs[m].groups) > 1 else None,
+                    dates=mk.dates,
+                    locations=mk.locations,
+                )
+        return out
+
+    def pos_enc(self, m: str, decoder: bool = False) -> Tensor:
+        return getattr(self, f"pos_{'dec' if decoder else 'enc'}_{m}")
+
+    # --- tokens -----------------------------------------------------------------------------------
+
+    def prepare(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per modality: input resized to image_size (B, T, C, S, S) with invalid pixels zeroed, and
+        the valid pixels (B, T, S, S): `MOD_valid` if given, and finite in every band."""
+        xs, valids = {}, {}
+        for m, s in self.specs.items():
+            x = batch[m]
+            b, t = x.shape[:2]
+            valid = batch.get(f"{m}_valid")
+            size = (s.image_size, s.image_size)
+            if x.shape[-2:] != size:
+                mode = self.cfg.model.interpolate
+                x = F.interpolate(x.flatten(0, 1).float(), size=size, mode=mode).unflatten(0, (b, t))
+            if valid is not None and valid.shape[-2:] != size:
+                valid = F.interpolate(valid.flatten(0, 1)[:, None].float(), size=size, mode="nearest")
+                valid = valid.view(b, t, *size)
+            finite = torch.isfinite(x).all(2)
+            valid = finite if valid is None else finite & valid.bool()
+            xs[m], valids[m] = torch.where(valid[:, :, None], x, 0.0), valid
+        return xs, valids
+
+    def _dates(self, batch: Batch, m: str, dim: int) -> Tensor:
+        """(B, T, dim) date encoding of modality m."""
+        return date_encoding(batch[f"{m}_dates"], batch["ref_date"], dim, self.date_scale)
+
+    def encodings(self, batch: Batch, m: str, t: int, decoder: bool) -> Tensor:
+        """Position + date encodings of modality m: (B, G·T·L, dim)."""
+        dim = self.dec_dim if decoder else self.dim
+        g = len(self.specs[m].groups)
+        dates = repeat(self._dates(batch, m, dim), "b t e -> b (g t) 1 e", g=g)
+        return (dates + self.pos_enc(m, decoder)).flatten(1, 2)
+
+    def embed(self, batch: Batch, xs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Tokens per modality (B, G·T·L, E): patch embedding + position + date."""
+        if self.backend == "flash":
+            x = next(iter(xs.values()))
+            autocast = torch.is_autocast_enabled(x.device.type)
+            check_backend(
+                self.backend, x.device, torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+            )
+        out = {}
+        for m, x in xs.items():
+            tok = self.patch_embed[self.specs[m].embed](x).flatten(1, 2)  # (B, G·T·L, E)
+            out[m] = tok + self.encodings(batch, m, x.shape[1], decoder=False).to(tok.dtype)
+        return out
+
+    def seq_len(self, key: str, tokens: int) -> int:
+        """Length of one sequence of `key` whose sample holds `tokens` tokens."""
+        return self.specs[key].tokens_per_date if self.per_image else tokens
+
+    # --- masking ----------------------------------------------------------------------------------
+
+    def draw_masks(
+        self, shapes: dict[str, tuple[int, int, int]], batch: int, generator: torch.Generator | None, device
+    ) -> tuple[dict[str, Tensor], dict[str, int]]:
+        """Random masks {key: (B, L_key)} and the visible count per sequence of each key.
+        `shapes` gives (G, T, L) per modality as found in the batch."""
+        masks, visible = {}, {}
+        for key, members in self.members.items():
+            length = sum(g * t * n for g, t, n in (shapes[m] for m in members))
+            if self.per_image:
+                g, t, n = shapes[key]
+                k = min(masked_count(self.cfg.mask.ratio, n), n - 1)
+                masks[key] = exact_mask(batch * g * t, n, k, None, generator, device).view(batch, length)
+                visible[key] = n - k
+                continue
+            n = sum(shapes[m][0] * shapes[m][1] for m in members)
+            k = min(masked_count(group_mask_ratio(self.cfg, n), length), length - 1)
+            plan = []
+            for m in members:
+                g, t, n = shapes[m]
+                st = self.structure[m]
+                plan.append((g, t, n, st if t > 1 else Structure(st.modality, st.bands, None, st.locations)))
+            prop = propose(plan, batch, generator, device)
+            masks[key] = exact_mask(batch, length, k, prop, generator, device)
+            visible[key] = length - k
+        return masks, visible
+
+    def _check_masks(self, mask: dict[str, Tensor], lengths: dict[str, int], batch: int) -> dict[str, Tensor]:
+        if set(mask) != set(self.members):
+            raise ValueError(f"mask keys {sorted(mask)} must be the sequence keys {sorted(self.members)}")
+        out = {}
+        for key, mk in mask.items():
+            if tuple(mk.shape) != (batch, lengths[key]):
+                raise ValueError(
+                    f"mask['{key}'] has shape {tuple(mk.shape)}; expected {(batch, lengths[key])}"
+                )
+            out[key] = mk.bool()
+            per_seq = out[key].view(-1, self.seq_len(key, lengths[key]))
+            if bool(per_seq.all(1).any()):
+                raise ValueError(f"mask['{key}'] masks a whole sequence; keep at least one token visible")
+        return out
+
+    # --- encoder ----------------------------------------------------------------------------------
+
+    def encode_rows(self, rows: dict[str, Tensor], packs: dict[str, Packing]) -> dict[str, Tensor]:
+        """Per-key encoders on packed rows (N_k, E), then the joint blocks on each sample's tokens
+        of all keys concatenated in key order, split back."""
+        out = {k: self.encoder[self.module_key[k]](x, packs[k]) for k, x in rows.items()}
+        if self.encoder_inter is None:
+            return out
+        keys = list(out)
+        cu = sum(packs[k].cu_seqlens for k in keys)  # rows before each sample in the joint layout
+        uniform = [packs[k].uniform for k in keys]
+        joint = Packing(cu, sum(packs[k].max_seqlen for k in keys), None if None in uniform else sum(uniform))
+        dest, before = [], torch.zeros_like(cu[:-1])
+        for k in keys:
+            pk = packs[k]
+            n = torch.arange(out[k].shape[0], device=cu.device)
+            sample = torch.searchsorted(pk.cu_seqlens[1:], n, right=True)
+            dest.append(cu[sample] + before[sample] + n - pk.cu_seqlens[sample])
+            before = before + pk.cu_seqlens.diff()
+        dest_all = torch.cat(dest)
+        x = torch.cat([out[k] for k in keys])
+        x = torch.empty_like(x).index_copy(0, dest_all, x)
+        x = self.encoder_inter(x, joint)
+        return {k: x.index_select(0, d) for k, d in zip(keys, dest)}
+
+    def to_sequences(self, tokens: dict[str, Tensor]) -> dict[str, Tensor]:
+        """{key: (B, L_key, E)}: each key's modalities concatenated in input order."""
+        return {k: torch.cat([tokens[m] for m in ms], 1) for k, ms in self.members.items()}
+
+    def from_sequences(self, seqs: dict[str, Tensor], counts: dict[str, int]) -> dict[str, Tensor]:
+        """Inverse of `to_sequences`: {MOD: (B, n_m, E)} given tokens per sample `counts`."""
+        out = {}
+        for k, ms in self.members.items():
+            out.update(zip(ms, torch.split(seqs[k], [counts[m] for m in ms], 1)))
+        return out
+
+    def encode(self, batch: Batch) -> dict[str, Tensor]:
+        """All tokens after the full encoder, without masking: {MOD: (B, T·G·L, E)}."""
+        xs, _ = self.prepare(batch)
+        tokens = self.embed(batch, xs)
+        seqs = self.to_sequences(tokens)
+        b = next(iter(seqs.values())).shape[0]
+        rows, packs = {}, {}
+        for k, x in seqs.items():
+            length = self.seq_len(k, x.shape[1])
+            rows[k] = x.flatten(0, 1)
+            packs[k] = Packing.dense(x.shape[0] * x.shape[1] // length, length, x.device)
+        enc = self.encode_rows(rows, packs)
+        seqs = {k: v.view(b, -1, v.shape[-1]) for k, v in enc.items()}
+        return self.from_sequences(seqs, {m: t.shape[1] for m, t in tokens.items()})
+
+    # --- decoder and loss -------------------------------------------------------------------------
+
+    def _mask_table(self, key: str, shapes: dict[str, tuple[int, int, int]], device) -> tuple[Tensor, Tensor]:
+        """Mask tokens of a key's modalities and band groups (ΣG, E_d), and which one each position
+        of a sample's sequence takes (L_key,) — its own modality's and band group's."""
+        table = torch.cat([self.mask_token[m].reshape(-1, self.dec_dim) for m in self.members[key]])
+        ids, offset = [], 0
+        for m in self.members[key]:
+            g, t, n = shapes[m]
+            ids.append(torch.arange(offset, offset + g, device=device).repeat_interleave(t * n))
+            offset += g
+        return table, torch.cat(ids)
+
+    def decode(
+        self, batch: Batch, enc: dict[str, Tensor], sel: dict, shapes: dict, b: int
+    ) -> dict[str, Tensor]:
+        """Encoded visible rows -> decoder tokens {key: (B, L_key, E_d)}: `enc_to_dec`, un-mask
+        (each masked position gets its own mask token), decoder encodings, per-key decoder."""
+        out = {}
+        for key, rows in enc.items():
+            mk = self.module_key[key]
+            table, ids = self._mask_table(key, shapes, rows.device)
+            y = self.enc_to_dec[mk](rows)
+            full = self.ops.unmask_rows(y, sel[key].source, table.to(y.dtype), ids.repeat(b))
+            dec_enc = torch.cat(
+                [self.encodings(batch, m, shapes[m][1], decoder=True) for m in self.members[key]], 1
+            )
+            full = full + dec_enc.flatten(0, 1).to(full.dtype)
+            length = full.shape[0] // b
+            seq = self.seq_len(key, length)
+            out[key] = self.decoder[mk](full, Packing.dense(full.shape[0] // seq, seq, full.device)).view(
+                b, length, -1
+            )
+        return out
+
+    def forward(
+        self, batch: Batch, mask: dict[str, Tensor] | None = None, generator: torch.Generator | None = None
+    ) -> ModelOutput:
+        """Pretraining forward: masks drawn from `generator` (or the given `mask`), loss and outputs."""
+        xs, valids = self.prepare(batch)
+        tokens = self.embed(batch, xs)
+        seqs = self.to_sequences(tokens)
+        b = next(iter(seqs.values())).shape[0]
+        device = next(iter(seqs.values())).device
+        shapes = {m: (len(s.groups), xs[m].shape[1], s.tokens_per_date) for m, s in self.specs.items()}
+        lengths = {k: v.shape[1] for k, v in seqs.items()}
+        if mask is None:
+            masks, visible = self.draw_masks(shapes, b, generator, device)
+        else:
+            masks, visible = self._check_masks(mask, lengths, b), dict.fromkeys(lengths)
+        sel, rows, packs = {}, {}, {}
+        for k, x in seqs.items():
+            seq = self.seq_len(k, lengths[k])
+            sel[k] = select_visible(masks[k].view(-1, seq), visible[k])
+            rows[k] = self.ops.gather_rows(x.flatten(0, 1), sel[k].rows)
+            packs[k] = sel[k].packing
+        enc = self.encode_rows(rows, packs)
+        dec = self.from_sequences(
+            self.decode(batch, enc, sel, shapes, b), {m: t.shape[1] for m, t in tokens.items()}
+        )
+        token_masks = self.from_sequences(
+            {k: v[..., None] for k, v in masks.items()}, {m: t.shape[1] for m, t in tokens.items()}
+        )
+        return self.loss(dec, xs, valids, {m: v[..., 0] for m, v in token_masks.items()}, masks)
+
+    def loss(
+        self,
+        dec: dict[str, Tensor],
+        xs: dict[str, Tensor],
+        valids: dict[str, Tensor],
+        token_masks: dict[str, Tensor],
+        masks: dict[str, Tensor],
+    ) -> ModelOutput:
+        """Pixelify each modality's decoder tokens and compute the weighted masked loss."""
+        sums, weights, recs, pixel_masks = {}, {}, {}, {}
+        for m, d in dec.items():
+            s = self.specs[m]
+            b, t = xs[m].shape[:2]
+            pred = self.embed_to_rec[s.embed](d)  # (B·T·L, P, C)
+            target = to_patches(xs[m], s.patch_size)
+            valid = to_patches(valids[m][:, :, None], s.patch_size)[..., 0]  # (B·T·L, P)
+            tm = rearrange(token_masks[m], "b (g t l) -> g (b t l)", g=len(s.groups), t=t)
+            sums[m] = targets.modality_loss(
+                self.ops, pred, target, valid, tm, s.groups, self.norm_plans[m], self.loss_kind
+            )
+            weights[m] = float(t * s.tokens_per_date)
+            recs[m] = to_image(pred, b, s.grid, s.patch_size)
+            pixel_masks[m] = self._pixel_mask(token_masks[m], m, t)
+        total, per_mod = targets.combine(sums, weights)
+        return ModelOutput(total, per_mod, recs, xs, masks, pixel_masks, valids)
+
+    def _pixel_mask(self, token_mask: Tensor, m: str, t: int) -> Tensor:
+        """(B, G·T·L) token mask -> (B, T, C, H, W), each channel following its band group."""
+        s = self.specs[m]
+        mk = rearrange(token_mask, "b (g t h w) -> b t g h w", g=len(s.groups), t=t, h=s.grid)
+        group_of_channel = torch.repeat_interleave(
+            torch.arange(len(s.groups), device=mk.device), torch.tensor(s.groups, device=mk.device)
+        )
+        mk = mk[:, :, group_of_channel]
+        return repeat(mk, "b t c h w -> b t c (h p1) (w p2)", p1=s.patch_size, p2=s.patch_size)
+
+
+def _lcm_grid(specs) -> int:
+    """Reference grid side when the dataset sets none: the lcm of the modality grids."""
+    return math.lcm(*(s.grid for s in specs.values()))
+
+
+def build_model(cfg: Config) -> MAESTRO:
+    """The model for a resolved config."""
+    return MAESTRO(cfg)

@@ -1,0 +1,109 @@
+"""Token masking: structural proposals, exact-ratio sampling, and the visible-token index lists.
+
+Per sequence key (a fusion group, a modality, or each image in `shared`/`monotemp`), exactly
+`k = round(ratio·L)` tokens are masked in every sequence (maestro_reference.md §2). Structural masks
+(whole modality, band group, date, location) are proposed first; proposed tokens then rank before
+all others, *randomly among themselves* (the reference's argsort tie order is not relied upon), and
+random tokens complete the count. Everything is drawn on the model's device from an explicit
+`torch.Generator`, vectorized over the batch; a sample whose whole sequence was proposed is redrawn
+a bounded number of times without leaving the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from maestro.model.attention import Packing
+
+REDRAWS = 4  # extra structural draws for samples whose proposal covers their whole sequence
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Probabilities of the structural masks of one modality (None: off)."""
+
+    modality: float | None = None
+    bands: float | None = None
+    dates: float | None = None
+    locations: float | None = None
+
+
+def _propose_one(
+    b: int, g: int, t: int, n: int, p: Structure, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """(B, G·T·L) bool proposal for one modality, band group outer then date then position."""
+    prop = torch.zeros(b, g, t, n, dtype=torch.bool, device=device)
+    shapes = (
+        (p.modality, (b, 1, 1, 1)),
+        (p.bands, (b, g, 1, 1)),
+        (p.dates, (b, 1, t, 1)),
+        (p.locations, (b, 1, 1, n)),
+    )
+    for prob, shape in shapes:
+        if prob is not None:
+            prop = prop | (torch.rand(shape, generator=generator, device=device) < prob)
+    return prop.flatten(1)
+
+
+def propose(
+    members: list[tuple[int, int, int, Structure]],
+    batch: int,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
+    """Structural proposal (B, L_key) for a sequence made of `members` (G, T, L, Structure) in order.
+
+    Samples whose proposal covers the whole sequence take a fresh draw, `REDRAWS` times at most;
+    any left after that get no proposal (plain random masking)."""
+
+    def draw() -> Tensor:
+        return torch.cat([_propose_one(batch, g, t, n, p, generator, device) for g, t, n, p in members], 1)
+
+    prop = draw()
+    for _ in range(REDRAWS):
+        prop = torch.where(prop.all(1, keepdim=True), draw(), prop)
+    return prop & ~prop.all(1, keepdim=True)
+
+
+def exact_mask(
+    num_seqs: int, length: int, k: int, proposal: Tensor | None, generator: torch.Generator | None, device
+) -> Tensor:
+    """(S, L) bool with exactly `k` True per row: proposed tokens first, in random order among
+    themselves, then random others."""
+    score = torch.rand(num_seqs, length, generator=generator, device=device)
+    if proposal is not None:
+        score = score - proposal.float()  # proposed tokens in [-1, 0), others in [0, 1)
+    idx = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
+    return torch.zeros(num_seqs, length, dtype=torch.bool, device=device).scatter(1, idx, True)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Visible tokens of one sequence key: `rows` (K,) into the flat (S·L) tokens, ascending within
+    each sequence; `packing` of those K rows per sequence; `source` (S·L,) the row of `rows` holding
+    each position, −1 where masked (the un-masking map)."""
+
+    rows: Tensor
+    packing: Packing
+    source: Tensor
+
+
+def select_visible(mask: Tensor, visible_per_seq: int | None) -> Selection:
+    """mask (S, L) bool, True = masked. With `visible_per_seq` known (random draws) no host sync
+    happens; otherwise (a given mask) the sequences may differ in length and are packed."""
+    s, length = mask.shape
+    device = mask.device
+    if visible_per_seq is not None:
+        # A stable sort puts visible positions (0) first, in ascending order.
+        pos = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :visible_per_seq]
+        rows = (pos + torch.arange(s, device=device)[:, None] * length).flatten()
+        packing = Packing.dense(s, visible_per_seq, device)
+    else:
+        rows = torch.nonzero(~mask.flatten()).squeeze(1)
+        packing = Packing.from_lengths((~mask).sum(1))
+    source = torch.full((s * length,), -1, dtype=torch.long, device=device)
+    source = source.index_copy(0, rows, torch.arange(rows.numel(), device=device))
+    return Selection(rows, packing, source)
