@@ -189,8 +189,8 @@ def _vhr(rng, cls, cmap, doy, spec) -> np.ndarray:
     tone = cls["tone"][cmap] * (1 + 0.15 * _smooth_noise(rng, h, max(2, h // 16)))
     level = {"nir": 90 + 140 * v, "red": 120 - 70 * v, "green": 110 - 30 * v, "blue": 100 - 50 * v}
     names = raw_band_names(spec, raw_channels(spec))
-    x = np.stack([level.get(n, 100 + 0 * v) * tone for n in names])[None]  # (1, C, H, W)
-    x = x + rng.normal(0, 6, x.shape)
+    x = np.stack([level.get(n, 100 + 0 * v) * tone for n in names])[None].astype(np.float32)  # (1, C, H, W)
+    x += 6 * rng.standard_normal(x.shape, dtype=np.float32)
     scale = 8.0 if np.dtype(spec.dtype) == np.uint16 else 1.0
     return _cast(x * scale, spec.dtype)
 
