@@ -72,10 +72,8 @@ def report(cfg: Config) -> dict[str, Any]:
         "fusion": cfg.model.fusion,
         "tokens": tokens(cfg),
     }
-    try:
-        from maestro.model.flops import flops_per_sample, parameter_counts
-    except ImportError:  # the model package is being built (issue 3)
-        return out
+    from maestro.model.flops import flops_per_sample, parameter_counts
+
     out["parameters"] = parameter_counts(cfg)
     out["flops_per_sample"] = flops_per_sample(cfg)
     return out
