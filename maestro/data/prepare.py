@@ -69,8 +69,13 @@ def modality_item(
     if spec.dates == "bins":
         t = x.shape[0]
         offset = date_policy.draw_offset(t, spec.num_dates, rng)
-        xf = np.where(missing[:, None], np.float32(np.nan), x.astype(np.float32, copy=False))
-        sel = date_policy.select_bins(xf, cloudy, spec.num_dates, offset, rng if random_dates else None)
+        if t > spec.num_dates:  # values matter only when there is a choice to make
+            x_nan = np.where(missing[:, None], np.float32(np.nan), x.astype(np.float32, copy=False))
+            sel = date_policy.select_bins(
+                x_nan, cloudy, spec.num_dates, offset, rng if random_dates else None
+            )
+        else:
+            sel = date_policy.select_bins(x[:, :0], None, spec.num_dates, offset)
     else:
         sel = date_policy.select_all(x.shape[0])
     pad = sel.index < 0
@@ -83,7 +88,9 @@ def modality_item(
     if cloudy is not None:
         valid &= ~cloudy[idx]
     valid[pad] = False
-    values[np.broadcast_to((missing[idx] | pad[:, None, None])[:, None], values.shape)] = 0.0
+    hole = missing[idx] | pad[:, None, None]  # (N, h, w)
+    if hole.any():
+        values[np.broadcast_to(hole[:, None], values.shape)] = 0.0
     return values, acq_dates[idx].astype(np.int16), valid
 
 

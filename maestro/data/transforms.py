@@ -59,11 +59,11 @@ def flips(rng: np.random.Generator) -> tuple[bool, bool, bool]:
 
 
 def apply_flips(a: np.ndarray, flip: tuple[bool, bool, bool]) -> np.ndarray:
-    """Apply the same flips to the last two (H, W) axes of any raster."""
+    """Apply the same flips to the last two (H, W) axes of any raster (a view: collate copies it)."""
     if flip[0]:
         a = a[..., ::-1, :]
     if flip[1]:
         a = a[..., ::-1]
     if flip[2]:
         a = np.swapaxes(a, -1, -2)
-    return np.ascontiguousarray(a)
+    return a

@@ -1,0 +1,171 @@
+"""`maestro bench data URL [--workers N] [--batches K] [--source DIR] [--json]`: loader throughput.
+
+Streams `K` batches from a shard split with `build_loader` and reports samples/s, MB/s (shard
+bytes) and the decode and transform time per sample. With `--source DIR` (a TreeSatAI-TS archive
+in its own layout: `{split}.csv`, `aerial/*.tif`, `sentinel-ts/*.h5`), it also reads the same
+number of samples the reference's way, one sample at a time from its HDF5 and GeoTIFF files, through
+the same date policy, scaling and collate, and reports the loader's speed-up per CPU core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+H5_SERIES = {"s2": "sen-2", "s1_asc": "sen-1-asc", "s1_des": "sen-1-des"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="loader throughput (samples/s, MB/s) against per-file source reads")
+    p.add_argument("url", help="a shard split: local folder or s3://bucket/prefix")
+    p.add_argument("--workers", type=int, default=2, help="data-loader worker processes")
+    p.add_argument("--batches", type=int, default=20, help="batches to time (after one warm-up batch)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--source", help="the same TreeSatAI-TS archive in its source layout, for the baseline")
+    p.add_argument("--split", default="train", help="the source split CSV to read (with --source)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=run)
+
+
+def _product_dates(products: np.ndarray) -> np.ndarray:
+    """(T, 3) int16 (year, day of year, 0) from Sentinel product names (field -5, as the reference)."""
+    out = np.zeros((len(products), 3), np.int16)
+    for i, p in enumerate(products):
+        s = (p.decode() if isinstance(p, bytes) else p).split("_")[-5][:8]
+        d = datetime.date(int(s[:4]), int(s[4:6]), int(s[6:8]))
+        out[i] = d.year, d.timetuple().tm_yday, 0
+    return out
+
+
+def read_source_sample(root: Path, row: dict[str, str]):
+    """One TreeSatAI-TS sample from its source files (per-file reads, as the reference does)."""
+    import h5py
+    import tifffile
+
+    from shards.schema import Sample
+
+    aerial = tifffile.imread(root / "aerial" / row["aerial_name"])  # (H, W, C)
+    day = datetime.date.fromisoformat(
+        f"{row['aerial_date'][:4]}-{row['aerial_date'][4:6]}-{row['aerial_date'][6:8]}"
+    )
+    arrays = {"aerial": np.moveaxis(aerial, -1, 0)[None]}
+    dates = {"aerial": np.array([[day.year, day.timetuple().tm_yday, 0]], np.int16)}
+    valid = {}
+    with h5py.File(root / "sentinel-ts" / row["sen_name"], "r") as f:
+        for mod, name in H5_SERIES.items():
+            arrays[mod] = f[f"{name}-data"][:]
+            dates[mod] = _product_dates(f[f"{name}-products"][:])
+        valid["s2"] = (f["sen-2-masks"][:] <= 0).all(axis=1).astype(np.uint8)
+    key = Path(row["aerial_name"]).stem.replace(".", "_")
+    return Sample(key, arrays, dates, valid)
+
+
+def bench_source(cfg, root: Path, split: str, samples: int) -> dict[str, Any]:
+    """Per-file reads of `samples` source samples through the loader's transforms, in one process."""
+    from maestro.data.collate import collate_padded
+    from maestro.data.prepare import Recipe, prepare
+
+    with open(root / f"{split}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows = (rows * (samples // len(rows) + 1))[:samples]
+    recipe = Recipe.from_config(cfg, train=True)
+    rng = np.random.default_rng(0)
+    nbytes, items = 0, []
+    start = time.perf_counter()
+    for row in rows:
+        items += prepare(read_source_sample(root, row), recipe, rng, row["sen_name"])
+        nbytes += (root / "aerial" / row["aerial_name"]).stat().st_size
+        nbytes += (root / "sentinel-ts" / row["sen_name"]).stat().st_size
+        if len(items) == cfg.data.batch_size:
+            collate_padded(items, recipe.specs, list(recipe.targets))
+            items = []
+    seconds = time.perf_counter() - start
+    return {
+        "samples": len(rows),
+        "seconds": seconds,
+        "samples_per_s": len(rows) / seconds,
+        "mb_per_s": nbytes / 2**20 / seconds,
+        "cpu_cores": 1,
+    }
+
+
+def bench_decode(cfg, shard_url: str, limit: int = 64) -> dict[str, float]:
+    """Mean decode and transform time per sample, in this process, over a shard's first samples."""
+    from maestro.data.prepare import Recipe, prepare
+    from maestro.data.tar_stream import read_samples
+    from shards import storage
+    from shards.schema import decode
+
+    recipe = Recipe.from_config(cfg, train=True)
+    rng = np.random.default_rng(0)
+    t_decode = t_prepare = 0.0
+    n = 0
+    for key, members in read_samples(shard_url, lambda k: True, storage.open_file):
+        t0 = time.perf_counter()
+        sample = decode(key, members)
+        t1 = time.perf_counter()
+        prepare(sample, recipe, rng, key)
+        t_decode, t_prepare = t_decode + t1 - t0, t_prepare + time.perf_counter() - t1
+        n += 1
+        if n == limit:
+            break
+    return {"decode_ms_per_sample": 1e3 * t_decode / n, "transform_ms_per_sample": 1e3 * t_prepare / n}
+
+
+def bench_loader(cfg, batches: int) -> dict[str, Any]:
+    from maestro.data import build_loader
+    from shards import manifest as manifest_io
+
+    manifest = manifest_io.read(cfg.data.shards)
+    bytes_per_sample = manifest["bytes"] / manifest["samples"]
+    it = iter(build_loader(cfg))
+    next(it)  # warm-up: worker start and first reads
+    start = time.perf_counter()
+    samples = sum(len(next(it)["_keys"]) for _ in range(batches))
+    seconds = time.perf_counter() - start
+    return {
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "mb_per_s": samples * bytes_per_sample / 2**20 / seconds,
+        "cpu_cores": max(1, cfg.data.workers),
+        **bench_decode(cfg, f"{cfg.data.shards.rstrip('/')}/{manifest['shards'][0]['name']}"),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from maestro import config
+    from maestro.cli import print_json
+    from shards import manifest as manifest_io
+
+    dataset = manifest_io.read(args.url)["dataset"]
+    data = {"dataset": dataset, "shards": args.url, "workers": args.workers, "batch_size": args.batch_size}
+    cfg = config.from_dict({"data": data})
+    report: dict[str, Any] = {"url": args.url, "workers": args.workers, "batch_size": args.batch_size,
+                              "host_cpus": os.cpu_count(), "loader": bench_loader(cfg, args.batches)}  # fmt: skip
+    if args.source:
+        src = bench_source(cfg, Path(args.source), args.split, report["loader"]["samples"])
+        report["source"] = src
+        per_core = {k: report[k]["samples_per_s"] / report[k]["cpu_cores"] for k in ("loader", "source")}
+        report["speedup"] = report["loader"]["samples_per_s"] / src["samples_per_s"]
+        report["speedup_per_core"] = per_core["loader"] / per_core["source"]
+    if args.json:
+        print_json(report)
+    else:
+        for part in ("loader", "source"):
+            if part in report:
+                r = report[part]
+                print(f"{part:>7}: {r['samples_per_s']:8.1f} samples/s  {r['mb_per_s']:8.1f} MB/s  "
+                      f"on {r['cpu_cores']} core(s)")  # fmt: skip
+        print(f"decode {report['loader']['decode_ms_per_sample']:.2f} ms/sample, "
+              f"transforms {report['loader']['transform_ms_per_sample']:.2f} ms/sample")  # fmt: skip
+        if "speedup_per_core" in report:
+            print(f"loader vs per-file reads: {report['speedup_per_core']:.2f}x per CPU core")
+    return 0

@@ -1,0 +1,23 @@
+"""`maestro bench data`: loader throughput beside per-file source reads of the same archive."""
+
+from __future__ import annotations
+
+import json
+
+from maestro.cli import main
+from shards.synth_source import write_treesatai_source
+
+
+def test_bench_data_reports_loader_and_source_side_by_side(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "shards"
+    write_treesatai_source(src, 6, seed=0, max_dates=20)
+    assert main(["shards", "convert", "treesatai_ts", str(src), str(out), "--split", "train"]) == 0
+    capsys.readouterr()
+    args = ["bench", "data", str(out / "train"), "--workers", "0", "--batches", "2", "--batch-size", "2"]
+    assert main([*args, "--source", str(src), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["loader"]["samples"] == 4 and report["source"]["samples"] == 4
+    for part in ("loader", "source"):
+        assert report[part]["samples_per_s"] > 0 and report[part]["mb_per_s"] > 0
+    assert report["loader"]["decode_ms_per_sample"] > 0
+    assert report["speedup_per_core"] == report["speedup"] > 0
