@@ -194,8 +194,10 @@ def _blocks(m: int, p: int, c: int) -> dict[str, int]:
 def _check(target: Tensor, valid: Tensor | None) -> None:
     if target.dim() != 3:
         raise ValueError(f"target must be (M, P, C), got shape {tuple(target.shape)}")
-    if valid is not None and valid.shape != target.shape[:2]:
-        raise ValueError(f"valid must be (M, P) = {tuple(target.shape[:2])}, got {tuple(valid.shape)}")
+    if valid is not None and (valid.shape != target.shape[:2] or valid.dtype != torch.bool):
+        raise ValueError(
+            f"valid must be bool (M, P) = {tuple(target.shape[:2])}, got {valid.dtype} {tuple(valid.shape)}"
+        )
 
 
 def _as_bytes(mask: Tensor | None, like: Tensor) -> Tensor:
@@ -242,10 +244,14 @@ class _GroupNormMaskedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target, groups, valid, token_mask, kind, eps):
         _check(target, valid)
-        if pred.shape != target.shape or token_mask.shape != target.shape[:1]:
+        if (
+            pred.shape != target.shape
+            or token_mask.shape != target.shape[:1]
+            or token_mask.dtype != torch.bool
+        ):
             raise ValueError(
                 f"pred {tuple(pred.shape)} must equal target {tuple(target.shape)} and token_mask "
-                f"{tuple(token_mask.shape)} must be (M,) = ({target.shape[0]},)"
+                f"({token_mask.dtype} {tuple(token_mask.shape)}) must be bool (M,) = ({target.shape[0]},)"
             )
         if kind not in ("l1", "l2"):
             raise ValueError(f"loss kind {kind!r}: expected 'l1' or 'l2'")

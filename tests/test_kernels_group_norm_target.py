@@ -134,6 +134,8 @@ def test_masked_loss_errors_say_what_is_wrong():
     target, pred, valid, token_mask = _inputs(5, 2, [2, 2], torch.float32)
     with pytest.raises(ValueError, match=r"\[2, 1\] must be positive and sum to the 4 channels"):
         group_norm_masked_loss(pred, target, [2, 1], valid, token_mask)
+    with pytest.raises(ValueError, match=r"valid must be bool \(M, P\) = \(5, 4\), got torch.float32"):
+        group_norm_masked_loss(pred, target, [2, 2], valid.float(), token_mask)
     with pytest.raises(ValueError, match="'l3'"):
         group_norm_masked_loss(pred, target, [2, 2], valid, token_mask, kind="l3")
     with pytest.raises(ValueError, match=r"target.detach\(\)"):
