@@ -20,4 +20,4 @@ def test_bench_data_reports_loader_and_source_side_by_side(tmp_path, capsys):
     for part in ("loader", "source"):
         assert report[part]["samples_per_s"] > 0 and report[part]["mb_per_s"] > 0
     assert report["loader"]["decode_ms_per_sample"] > 0
-    assert report["speedup_per_core"] == report["speedup"] > 0
+    assert report["speedup"] > 0 and report["speedup_per_core"] > 0

@@ -42,11 +42,11 @@ def missing_values(x: np.ndarray, spec: ModalitySpec) -> np.ndarray:
 
 def scale(x: np.ndarray, spec: ModalitySpec) -> np.ndarray:
     """Raw values `(T, C, H, W)` -> scaled float32 values, as the reference feeds the model."""
-    x = x.astype(np.float32)
+    x = x.astype(np.float32)  # a fresh array: the steps below work in place
     if spec.log_scale:
-        x = np.log(np.maximum(x, np.float32(1e-10)))
+        np.log(np.maximum(x, np.float32(1e-10), out=x), out=x)
     if spec.norm_fac is not None:
-        x = x / np.float32(spec.norm_fac)
+        np.divide(x, np.float32(spec.norm_fac), out=x)
     if spec.rescale_elev:
         x = np.concatenate([x[:, :1], np.float32(30.0) * (x[:, :1] - x[:, 1:])], axis=1)
     return x
