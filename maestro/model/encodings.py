@@ -32,12 +32,13 @@ def sincos_table(side: int, dim: int) -> Tensor:
     return torch.cat([xw.sin(), xw.cos(), yw.sin(), yw.cos(), torch.zeros(side, side, DATE_DIM)], -1)
 
 
-def position_encoding(side: int, dim: int, grid: int) -> Tensor:
-    """(L = grid², dim): the reference table averaged over each token's footprint, row-major.
+def position_encoding(table: Tensor, grid: int) -> Tensor:
+    """(L = grid², dim): a `sincos_table` (S, S, dim) averaged over each token's footprint, row-major.
 
-    When `side` is not a multiple of `grid`, the table is first resized bilinearly to the nearest
-    multiple (as the reference), then mean-pooled over `side'/grid` blocks."""
-    table = rearrange(sincos_table(side, dim), "h w e -> 1 e h w")
+    When `S` is not a multiple of `grid`, the table is first resized bilinearly to the nearest
+    multiple (as the reference), then mean-pooled over `S'/grid` blocks."""
+    side = table.shape[0]
+    table = rearrange(table, "h w e -> 1 e h w")
     if side % grid:
         resized = grid * max(1, round(side / grid))
         table = F.interpolate(table, size=(resized, resized), mode="bilinear", align_corners=False)

@@ -31,7 +31,7 @@ from maestro.info import group_mask_ratio, masked_count
 from maestro.model import targets
 from maestro.model.attention import Packing, check_backend
 from maestro.model.blocks import Transformer
-from maestro.model.encodings import date_encoding, position_encoding
+from maestro.model.encodings import date_encoding, position_encoding, sincos_table
 from maestro.model.masking import Structure, exact_mask, propose, select_visible
 from maestro.model.ops import kernel_ops
 from maestro.model.patch_embed import Patchify, Pixelify, to_image, to_patches
@@ -126,11 +126,10 @@ class MAESTRO(nn.Module):
         )
         # Position tables per modality, computed once (non-persistent: not in checkpoints).
         side = cfg.derived.grid_pos_enc or _lcm_grid(self.specs)
+        enc_table, dec_table = sincos_table(side, size.dim), sincos_table(side, size.decoder_dim)
         for m, s in self.specs.items():
-            self.register_buffer(f"pos_enc_{m}", position_encoding(side, size.dim, s.grid), persistent=False)
-            self.register_buffer(
-                f"pos_dec_{m}", position_encoding(side, size.decoder_dim, s.grid), persistent=False
-            )
+            self.register_buffer(f"pos_enc_{m}", position_encoding(enc_table, s.grid), persistent=False)
+            self.register_buffer(f"pos_dec_{m}", position_encoding(dec_table, s.grid), persistent=False)
         self.structure = self._structures(cfg)
 
     # --- configuration helpers ------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""Masking: exact ratio per sequence, structure first then random, never a whole group, reproducible
+from a generator; given masks with unequal visible counts go through packed attention."""
+
+from __future__ import annotations
+
+import torch
+from test_model_batches import make_batch
+
+from maestro import config
+from maestro.model import build_model
+from maestro.model.masking import Structure, exact_mask, propose, select_visible
+
+SMALL = ["data.modalities.aerial.image_size=60"]
+
+
+def test_exact_count_and_structure_first():
+    g = torch.Generator().manual_seed(0)
+    prop = torch.zeros(400, 20, dtype=torch.bool)
+    prop[:200, :5] = True  # fewer proposed than k: all of them are masked
+    prop[200:, :15] = True  # more proposed than k: only proposed tokens are masked
+    mask = exact_mask(400, 20, 10, prop, g, "cpu")
+    assert (mask.sum(1) == 10).all()
+    assert mask[:200, :5].all()
+    assert not mask[200:, 15:].any()
+    # Among the proposed tokens the choice is random, not the lowest indices (the reference's tie order).
+    chosen = mask[200:, :15].float().mean(0)
+    assert chosen.min() > 0.5 and chosen.max() < 0.85
+
+
+def test_structural_proposal_units():
+    g = torch.Generator().manual_seed(1)
+    dates = propose([(1, 6, 9, Structure(dates=0.5))], 300, g, "cpu").view(300, 6, 9)
+    assert ((dates.all(-1)) | (~dates.any(-1))).all()  # whole dates
+    assert dates.any() and not dates.all(-1).all(-1).any()  # never the whole sequence
+    loc = propose([(1, 6, 9, Structure(locations=0.5))], 300, g, "cpu").view(300, 6, 9)
+    assert ((loc.all(1)) | (~loc.any(1))).all()  # whole locations across dates (tubes)
+    two = propose([(1, 2, 4, Structure(modality=0.6)), (1, 3, 4, Structure(modality=0.6))], 300, g, "cpu")
+    a, b = two[:, :8], two[:, 8:]
+    assert ((a.all(1)) | (~a.any(1))).all() and ((b.all(1)) | (~b.any(1))).all()  # whole modalities
+    assert not (a.all(1) & b.all(1)).any()  # never both: that would be the whole group
+    bands = propose([(2, 1, 4, Structure(bands=0.5))], 300, g, "cpu").view(300, 2, 4)
+    assert ((bands.all(-1)) | (~bands.any(-1))).all()
+
+
+def test_model_masks_follow_ratio_and_structure():
+    cfg = config.from_dict({}, [*SMALL, "mask.modality=0.5", "mask.locations=null", "mask.dates=null"])
+    model = build_model(cfg)
+    shapes = {"aerial": (1, 1, 9), "s2": (1, 16, 9), "s1_asc": (1, 4, 9), "s1_des": (1, 4, 9)}
+    masks, visible = model.draw_masks(shapes, 64, torch.Generator().manual_seed(0), "cpu")
+    assert visible == {"aerial": 9 - 7, "s2": 144 - 108, "s1": 72 - 54}
+    for key, m in masks.items():
+        assert ((~m).sum(1) == visible[key]).all()
+    # k = 54 of 72 in s1: a whole proposed modality (36 tokens) is always fully masked.
+    s1 = masks["s1"]
+    assert (s1[:, :36].all(1) | s1[:, 36:].all(1)).float().mean() > 0.5
+
+
+def test_masks_are_reproducible_and_drawn_on_the_generator_device():
+    model = build_model(config.from_dict({}, SMALL))
+    shapes = {"aerial": (1, 1, 9), "s2": (1, 16, 9), "s1_asc": (1, 4, 9), "s1_des": (1, 4, 9)}
+    a, _ = model.draw_masks(shapes, 8, torch.Generator().manual_seed(5), "cpu")
+    b, _ = model.draw_masks(shapes, 8, torch.Generator().manual_seed(5), "cpu")
+    c, _ = model.draw_masks(shapes, 8, torch.Generator().manual_seed(6), "cpu")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_select_visible_without_and_with_host_sync_agree():
+    mask = exact_mask(5, 12, 8, None, torch.Generator().manual_seed(0), "cpu")
+    fast, packed = select_visible(mask, 4), select_visible(mask, None)
+    assert torch.equal(fast.rows, packed.rows) and torch.equal(fast.source, packed.source)
+    assert packed.packing.uniform == 4 and torch.equal(fast.packing.cu_seqlens, packed.packing.cu_seqlens)
+    assert (fast.source >= 0).sum() == 20 and (fast.source[mask.flatten()] == -1).all()
+
+
+def test_given_masks_with_unequal_counts_equal_separate_samples():
+    cfg = config.from_dict({}, SMALL)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    batch = make_batch(cfg, batch=2)
+    g = torch.Generator().manual_seed(0)
+    mask = {k: v.clone() for k, v in model(batch, generator=g).masks.items()}
+    mask["s2"][0, :20] = False  # sample 0 sees 20 more S2 tokens than sample 1
+    mask["s1"][1, 40:] = True
+    mask["s1"][1, 0] = False
+    with torch.no_grad():
+        both = model(batch, mask=mask)
+        for i in range(2):
+            one = model(
+                {k: v[i : i + 1] for k, v in batch.items()}, mask={k: v[i : i + 1] for k, v in mask.items()}
+            )
+            for m, rec in one.reconstructions.items():
+                torch.testing.assert_close(both.reconstructions[m][i : i + 1], rec, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_backends_agree_in_the_model():
+    cfg = config.from_dict({}, SMALL)
+    batch = make_batch(cfg)
+    losses = []
+    for backend in ("sdpa", "math"):
+        torch.manual_seed(0)
+        model = build_model(config.from_dict({}, [*SMALL, f"model.attention={backend}"]))
+        losses.append(model(batch, generator=torch.Generator().manual_seed(0)).loss)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
