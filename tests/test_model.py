@@ -152,3 +152,18 @@ def test_short_run_on_a_fixed_batch_lowers_the_loss():
         losses.append(out.loss.detach())
     first, last = torch.stack(losses[:3]).mean(), torch.stack(losses[-3:]).mean()
     assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("dataset", ["pastis_hd", "flair_hub", "flair2", "s2_naip"])
+def test_every_dataset_preset(dataset):
+    cfg = config.from_dict({"data": {"dataset": dataset}})
+    model = build_model(cfg)
+    batch = make_batch(cfg, batch=1)
+    with torch.no_grad():
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    groups = info.tokens(cfg)["groups"]
+    assert {k: (~v).sum().item() for k, v in out.masks.items()} == {
+        k: v["visible"] for k, v in groups.items()
+    }
+    assert all(out.reconstructions[m].shape == batch[m].shape for m in cfg.derived.modalities)
