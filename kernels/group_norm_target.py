@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.device import check_launchable
+
 
 def group_norm_target_ref(
     target: Tensor, groups: Sequence[int], valid: Tensor | None = None, eps: float = 1e-6
@@ -192,6 +194,7 @@ def _blocks(m: int, p: int, c: int) -> dict[str, int]:
 
 
 def _check(target: Tensor, valid: Tensor | None) -> None:
+    check_launchable(_patch_tile, target)
     if target.dim() != 3:
         raise ValueError(f"target must be (M, P, C), got shape {tuple(target.shape)}")
     if valid is not None and (valid.shape != target.shape[:2] or valid.dtype != torch.bool):

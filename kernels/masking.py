@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from kernels.device import check_launchable
+
 
 def gather_rows_ref(x: Tensor, index: Tensor) -> Tensor:
     """Pure-torch reference. x (N, E), index (K,) int64 -> (K, E) with out[k] = x[index[k]]."""
@@ -106,6 +108,7 @@ def _grid(rows: int, width: int) -> tuple[tuple[int, int], dict[str, int]]:
 
 
 def _check_rows(name: str, rows: Tensor, length: int) -> Tensor:
+    check_launchable(_gather_rows_kernel, rows)
     if rows.dim() != 1 or rows.shape[0] != length or rows.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"{name} must be an int32/int64 vector of length {length}, got {rows.dtype} {tuple(rows.shape)}"

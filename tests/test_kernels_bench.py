@@ -27,7 +27,7 @@ def test_cases_take_every_preset_shape_from_the_registry():
 def test_timed_callables_agree_between_triton_and_eager(op):
     case = next(c for c in bench.cases(batch=1, presets=("treesatai_ts",)) if c.op == op and "s1" in c.shape)
     torch.manual_seed(0)
-    inputs = case.make("cpu")
+    inputs = case.make("cuda" if torch.cuda.is_available() else "cpu")
     got = {impl: bench.passes(case.run[impl], case.grads, inputs) for impl in ("triton", "eager")}
     for name in ("fwd", "bwd", "both"):
         a, b = got["triton"][name](), got["eager"][name]()

@@ -79,6 +79,18 @@ def test_kernels_compile_for_sm90():
     assert proc.stdout.split() == ["compiled", "6"], proc.stdout
 
 
+def test_cpu_tensors_without_the_interpreter_get_a_clear_error():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch\nfrom kernels.masking import gather_rows\n"
+        "gather_rows(torch.randn(4, 3), torch.tensor([0, 1]))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "ValueError: model.kernels=triton needs CUDA tensors, got a cpu tensor" in proc.stderr
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.getcwd())
     print("compiled", len(compile_all()))

@@ -17,6 +17,16 @@ from kernels.group_norm_target import (
     group_norm_target_ref,
 )
 
+# On a CUDA machine the kernels are compiled and the tests run on the GPU; on CPU, the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    with torch.device(DEVICE):
+        yield
+
+
 # (patches M, patch side, norm groups): prime M, every group size 1..4, patch sides 2..20
 CASES = [
     (7, 2, [1, 1]),
@@ -32,7 +42,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 def _inputs(m: int, side: int, groups: list[int], dtype: torch.dtype, seed: int = 0):
     """target, pred (M, P, C) in dtype; valid (M, P) with NaN targets where invalid; token_mask (M,)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(DEVICE).manual_seed(seed)
     p, c = side * side, sum(groups)
     target = torch.randn(m, p, c, generator=g) * 3 + torch.randn(m, 1, c, generator=g) * 5
     valid = torch.rand(m, p, generator=g) > 0.25

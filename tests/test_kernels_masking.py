@@ -8,6 +8,16 @@ import torch
 
 from kernels.masking import gather_rows, gather_rows_ref, unmask_rows, unmask_rows_ref
 
+# On a CUDA machine the kernels are compiled and the tests run on the GPU; on CPU, the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    with torch.device(DEVICE):
+        yield
+
+
 DTYPES = [torch.float32, torch.bfloat16]
 TOKENS = 3  # mask tokens (modality × band group)
 
@@ -17,7 +27,7 @@ def _layout(lengths: list[int], seed: int):
 
     Returns index (K,) of visible rows in ascending order per sequence, source (N,) (row of the
     encoded tokens or -1), token_id (N,)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(DEVICE).manual_seed(seed)
     index, offset = [], 0
     for n in lengths:
         keep = max(1, n - round(0.75 * n))

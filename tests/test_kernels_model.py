@@ -10,21 +10,23 @@ from maestro import config
 from maestro.model import build_model
 
 SMALL = ["data.modalities.aerial.image_size=60"]  # TreeSatAI-TS with a 3×3-token aerial image
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, interpreter on CPU
 
 
 def _losses(kernels: str, overrides: list[str], steps: int = 2) -> list[torch.Tensor]:
     cfg = config.from_dict({}, [*SMALL, f"model.kernels={kernels}", *overrides])
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = make_batch(cfg, batch=2, seed=1)
     g = torch.Generator().manual_seed(2)
     valid = torch.rand(batch["s2"].shape[:2] + batch["s2"].shape[3:], generator=g) > 0.2
     batch["s2_valid"] = valid
     batch["s2"] = batch["s2"].masked_fill(~valid[:, :, None], float("nan"))  # invalid pixels hold NaN
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
     out = []
     for step in range(steps):
-        res = model(batch, generator=torch.Generator().manual_seed(step))
+        res = model(batch, generator=torch.Generator(DEVICE).manual_seed(step))
         opt.zero_grad()
         res.loss.backward()
         opt.step()
