@@ -18,6 +18,7 @@ visible counts per sample work too; random draws keep every sequence the same le
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -86,38 +87,28 @@ class MAESTRO(nn.Module):
             {e: Pixelify(s.groups, size.decoder_dim, s.patch_size) for e, s in first.items()}
         )
 
-        def transformer(dim: int, depth: int, heads: int, dim_head: int, hidden: int) -> Transformer:
-            return Transformer(dim, depth, heads, dim_head, hidden, cfg.model.attention)
+        def encoder(depth: int) -> Transformer:
+            return Transformer(size.dim, depth, size.heads, size.dim_head, size.mlp_hidden, self.backend)
 
-        keys = sorted(set(self.module_key.values()), key=list(self.module_key.values()).index)
-        enc_depth = size.depth - cfg.model.inter_depth
-        self.encoder = nn.ModuleDict(
-            {k: transformer(size.dim, enc_depth, size.heads, size.dim_head, size.mlp_hidden) for k in keys}
-        )
-        if cfg.model.inter_depth > 0:
-            self.encoder_inter = transformer(
-                size.dim, cfg.model.inter_depth, size.heads, size.dim_head, size.mlp_hidden
+        def decoder() -> Transformer:
+            d = size.decoder_dim
+            return Transformer(
+                d,
+                size.decoder_depth,
+                size.decoder_heads,
+                size.decoder_dim_head,
+                size.decoder_mlp_hidden,
+                self.backend,
             )
-        else:
-            self.encoder_inter = None
-        self.enc_to_dec = nn.ModuleDict(
-            {
-                k: nn.Identity() if size.dim == size.decoder_dim else nn.Linear(size.dim, size.decoder_dim)
-                for k in keys
-            }
-        )
-        self.decoder = nn.ModuleDict(
-            {
-                k: transformer(
-                    size.decoder_dim,
-                    size.decoder_depth,
-                    size.decoder_heads,
-                    size.decoder_dim_head,
-                    size.decoder_mlp_hidden,
-                )
-                for k in keys
-            }
-        )
+
+        def enc_to_dec() -> nn.Module:
+            return nn.Identity() if size.dim == size.decoder_dim else nn.Linear(size.dim, size.decoder_dim)
+
+        keys = list(dict.fromkeys(self.module_key.values()))
+        self.encoder = nn.ModuleDict({k: encoder(size.depth - cfg.model.inter_depth) for k in keys})
+        self.encoder_inter = encoder(cfg.model.inter_depth) if cfg.model.inter_depth else None
+        self.enc_to_dec = nn.ModuleDict({k: enc_to_dec() for k in keys})
+        self.decoder = nn.ModuleDict({k: decoder() for k in keys})
         self.mask_token = nn.ParameterDict(
             {
                 m: nn.Parameter(torch.randn(1, len(s.groups), 1, 1, size.decoder_dim))
@@ -125,7 +116,7 @@ class MAESTRO(nn.Module):
             }
         )
         # Position tables per modality, computed once (non-persistent: not in checkpoints).
-        side = cfg.derived.grid_pos_enc or _lcm_grid(self.specs)
+        side = cfg.derived.grid_pos_enc or math.lcm(*(s.grid for s in self.specs.values()))
         enc_table, dec_table = sincos_table(side, size.dim), sincos_table(side, size.decoder_dim)
         for m, s in self.specs.items():
             self.register_buffer(f"pos_enc_{m}", position_encoding(enc_table, s.grid), persistent=False)
@@ -177,15 +168,12 @@ class MAESTRO(nn.Module):
             xs[m], valids[m] = torch.where(valid[:, :, None], x, 0.0), valid
         return xs, valids
 
-    def _dates(self, batch: Batch, m: str, dim: int) -> Tensor:
-        """(B, T, dim) date encoding of modality m."""
-        return date_encoding(batch[f"{m}_dates"], batch["ref_date"], dim, self.date_scale)
-
     def encodings(self, batch: Batch, m: str, t: int, decoder: bool) -> Tensor:
         """Position + date encodings of modality m: (B, G·T·L, dim)."""
         dim = self.dec_dim if decoder else self.dim
         g = len(self.specs[m].groups)
-        dates = repeat(self._dates(batch, m, dim), "b t e -> b (g t) 1 e", g=g)
+        dates = date_encoding(batch[f"{m}_dates"], batch["ref_date"], dim, self.date_scale)  # (B, T, dim)
+        dates = repeat(dates, "b t e -> b (g t) 1 e", g=g)
         return (dates + self.pos_enc(m, decoder)).flatten(1, 2)
 
     def embed(self, batch: Batch, xs: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -228,7 +216,7 @@ class MAESTRO(nn.Module):
             for m in members:
                 g, t, n = shapes[m]
                 st = self.structure[m]
-                plan.append((g, t, n, st if t > 1 else Structure(st.modality, st.bands, None, st.locations)))
+                plan.append((g, t, n, st if t > 1 else dataclasses.replace(st, dates=None)))
             prop = propose(plan, batch, generator, device)
             masks[key] = exact_mask(batch, length, k, prop, generator, device)
             visible[key] = length - k
@@ -357,13 +345,9 @@ class MAESTRO(nn.Module):
             rows[k] = self.ops.gather_rows(x.flatten(0, 1), sel[k].rows)
             packs[k] = sel[k].packing
         enc = self.encode_rows(rows, packs)
-        dec = self.from_sequences(
-            self.decode(batch, enc, sel, shapes, b), {m: t.shape[1] for m, t in tokens.items()}
-        )
-        token_masks = self.from_sequences(
-            {k: v[..., None] for k, v in masks.items()}, {m: t.shape[1] for m, t in tokens.items()}
-        )
-        return self.loss(dec, xs, valids, {m: v[..., 0] for m, v in token_masks.items()}, masks)
+        counts = {m: t.shape[1] for m, t in tokens.items()}
+        dec = self.from_sequences(self.decode(batch, enc, sel, shapes, b), counts)
+        return self.loss(dec, xs, valids, self.from_sequences(masks, counts), masks)
 
     def loss(
         self,
@@ -395,16 +379,8 @@ class MAESTRO(nn.Module):
         """(B, G·T·L) token mask -> (B, T, C, H, W), each channel following its band group."""
         s = self.specs[m]
         mk = rearrange(token_mask, "b (g t h w) -> b t g h w", g=len(s.groups), t=t, h=s.grid)
-        group_of_channel = torch.repeat_interleave(
-            torch.arange(len(s.groups), device=mk.device), torch.tensor(s.groups, device=mk.device)
-        )
-        mk = mk[:, :, group_of_channel]
+        mk = mk[:, :, [g for g, c in enumerate(s.groups) for _ in range(c)]]  # band group of each channel
         return repeat(mk, "b t c h w -> b t c (h p1) (w p2)", p1=s.patch_size, p2=s.patch_size)
-
-
-def _lcm_grid(specs) -> int:
-    """Reference grid side when the dataset sets none: the lcm of the modality grids."""
-    return math.lcm(*(s.grid for s in specs.values()))
 
 
 def build_model(cfg: Config) -> MAESTRO:
