@@ -101,3 +101,18 @@ def test_attention_backends_agree_in_the_model():
         model = build_model(config.from_dict({}, [*SMALL, f"model.attention={backend}"]))
         losses.append(model(batch, generator=torch.Generator().manual_seed(0)).loss)
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+
+
+def test_triton_kernels_match_the_torch_references_in_the_model():
+    batch = make_batch(config.from_dict({}, SMALL))
+    results = []
+    for kernels in ("torch", "triton"):  # Triton under the interpreter on CPU (conftest)
+        torch.manual_seed(0)
+        model = build_model(config.from_dict({}, [*SMALL, f"model.kernels={kernels}"]))
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, atol=1e-6, rtol=1e-4, msg=name)

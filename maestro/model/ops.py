@@ -1,7 +1,8 @@
 """The one dispatch point between the model and the fused kernels (`model.kernels`).
 
 `torch` uses the pure-torch references of `kernels/`; `triton` the Triton ops with the same
-signatures. Everything the model does with masked rows and normalized targets goes through here.
+signatures (CUDA tensors, or the Triton interpreter in tests). Everything the model does with
+masked rows and normalized targets goes through here.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kernels.group_norm_target import group_norm_masked_loss_ref
-from kernels.masking import gather_rows_ref, unmask_rows_ref
+from kernels.group_norm_target import group_norm_masked_loss, group_norm_masked_loss_ref
+from kernels.masking import gather_rows, gather_rows_ref, unmask_rows, unmask_rows_ref
 from maestro.errors import ConfigError
 
 
@@ -21,17 +22,14 @@ class KernelOps:
     group_norm_masked_loss: Callable  # (pred, target, groups, valid, token_mask, kind, eps) -> (sum, count)
 
 
+OPS = {
+    "torch": KernelOps(gather_rows_ref, unmask_rows_ref, group_norm_masked_loss_ref),
+    "triton": KernelOps(gather_rows, unmask_rows, group_norm_masked_loss),
+}
+
+
 def kernel_ops(name: str) -> KernelOps:
     """The ops for `model.kernels=name`."""
-    if name == "torch":
-        return KernelOps(gather_rows_ref, unmask_rows_ref, group_norm_masked_loss_ref)
-    if name == "triton":
-        try:
-            from kernels.group_norm_target import group_norm_masked_loss
-            from kernels.masking import gather_rows, unmask_rows
-        except ImportError as e:
-            raise ConfigError(
-                "model.kernels", name, "torch (the Triton kernels are not available in this install)"
-            ) from e
-        return KernelOps(gather_rows, unmask_rows, group_norm_masked_loss)
-    raise ConfigError("model.kernels", name, "triton or torch")
+    if name not in OPS:
+        raise ConfigError("model.kernels", name, f"one of {sorted(OPS)}")
+    return OPS[name]
