@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,26 +34,11 @@ from maestro.model.blocks import Transformer
 from maestro.model.encodings import date_encoding, position_encoding, sincos_table
 from maestro.model.masking import Structure, exact_mask, propose, select_visible
 from maestro.model.ops import kernel_ops
-from maestro.model.patch_embed import Patchify, Pixelify, to_image, to_patches
+from maestro.model.output import Geometry, ModelOutput
+from maestro.model.patch_embed import Patchify, Pixelify, to_patches
 from maestro.sizes import SIZES
 
 Batch = dict[str, Tensor]
-
-
-@dataclass
-class ModelOutput:
-    """What a pretraining forward returns. `reconstructions` are in the target space of
-    `loss.target_norm` (normalized patches for `patch_group`); `targets` are the resized inputs
-    (invalid pixels zeroed); `masks` {key: (B, L_key)} and `pixel_masks` {MOD: (B, T, C, H, W)} are
-    True where masked; `valid` {MOD: (B, T, H, W)} the pixels that count in the loss."""
-
-    loss: Tensor
-    loss_per_modality: dict[str, Tensor]
-    reconstructions: dict[str, Tensor]
-    targets: dict[str, Tensor]
-    masks: dict[str, Tensor]
-    pixel_masks: dict[str, Tensor]
-    valid: dict[str, Tensor]
 
 
 class MAESTRO(nn.Module):
@@ -122,6 +106,7 @@ class MAESTRO(nn.Module):
             self.register_buffer(f"pos_enc_{m}", position_encoding(enc_table, s.grid), persistent=False)
             self.register_buffer(f"pos_dec_{m}", position_encoding(dec_table, s.grid), persistent=False)
         self.structure = self._structures(cfg)
+        self.geometry = {m: Geometry(tuple(s.groups), s.grid, s.patch_size) for m, s in self.specs.items()}
 
     # --- configuration helpers ------------------------------------------------------------------
 
@@ -358,29 +343,20 @@ class MAESTRO(nn.Module):
         masks: dict[str, Tensor],
     ) -> ModelOutput:
         """Pixelify each modality's decoder tokens and compute the weighted masked loss."""
-        sums, weights, recs, pixel_masks = {}, {}, {}, {}
+        sums, weights, patches = {}, {}, {}
         for m, d in dec.items():
             s = self.specs[m]
-            b, t = xs[m].shape[:2]
-            pred = self.embed_to_rec[s.embed](d)  # (B·T·L, P, C)
+            t = xs[m].shape[1]
+            patches[m] = self.embed_to_rec[s.embed](d)  # (B·T·L, P, C)
             target = to_patches(xs[m], s.patch_size)
             valid = to_patches(valids[m][:, :, None], s.patch_size)[..., 0]  # (B·T·L, P)
             tm = rearrange(token_masks[m], "b (g t l) -> g (b t l)", g=len(s.groups), t=t)
             sums[m] = targets.modality_loss(
-                self.ops, pred, target, valid, tm, s.groups, self.norm_plans[m], self.loss_kind
+                self.ops, patches[m], target, valid, tm, s.groups, self.norm_plans[m], self.loss_kind
             )
             weights[m] = float(t * s.tokens_per_date)
-            recs[m] = to_image(pred, b, s.grid, s.patch_size)
-            pixel_masks[m] = self._pixel_mask(token_masks[m], m, t)
         total, per_mod = targets.combine(sums, weights)
-        return ModelOutput(total, per_mod, recs, xs, masks, pixel_masks, valids)
-
-    def _pixel_mask(self, token_mask: Tensor, m: str, t: int) -> Tensor:
-        """(B, G·T·L) token mask -> (B, T, C, H, W), each channel following its band group."""
-        s = self.specs[m]
-        mk = rearrange(token_mask, "b (g t h w) -> b t g h w", g=len(s.groups), t=t, h=s.grid)
-        mk = mk[:, :, [g for g, c in enumerate(s.groups) for _ in range(c)]]  # band group of each channel
-        return repeat(mk, "b t c h w -> b t c (h p1) (w p2)", p1=s.patch_size, p2=s.patch_size)
+        return ModelOutput(total, per_mod, xs, masks, valids, token_masks, patches, self.geometry)
 
 
 def build_model(cfg: Config) -> MAESTRO:
