@@ -95,8 +95,45 @@ def encode(sample: Sample) -> dict[str, bytes]:
     return out
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+# The header `np.save` writes: {'descr': '<f4', 'fortran_order': False, 'shape': (T, C, H, W), }
+_NPY_HEADER = re.compile(
+    rb"\{'descr': '([<>|=][a-zA-Z]\d*)', 'fortran_order': False, 'shape': \(([\d, ]*)\), \} *\n"
+)
+
+
+def _npy_view(data: bytes) -> np.ndarray | None:
+    """A read-only view over the array bytes of a plain C-order `.npy`; None for any other header."""
+    if data[:6] != _NPY_MAGIC or len(data) < 10:
+        return None
+    if data[6] == 1:
+        head_at = 10
+    elif data[6] in (2, 3):
+        head_at = 12
+    else:
+        return None
+    start = head_at + int.from_bytes(data[8:head_at], "little")
+    head = _NPY_HEADER.fullmatch(data, head_at, start)
+    if head is None:
+        return None
+    dtype = np.dtype(head[1].decode())
+    shape = tuple(int(n) for n in head[2].split(b",") if n.strip())
+    count = int(np.prod(shape))
+    if dtype.hasobject or len(data) - start < count * dtype.itemsize:
+        return None  # np.load below refuses these with its own message
+    return np.frombuffer(data, dtype, count, start).reshape(shape)
+
+
 def load_npy(data: bytes, where: str) -> np.ndarray:
-    """Decode `.npy` bytes without ever unpickling; `where` names the member in errors."""
+    """Decode `.npy` bytes without ever unpickling; `where` names the member in errors.
+
+    The headers `np.save` writes for plain arrays are parsed here and the array is a read-only
+    view over `data` (no copy); anything else (Fortran order, structured or object dtypes, short
+    data) goes through `np.load(allow_pickle=False)`, which refuses what needs pickle.
+    """
+    view = _npy_view(data)
+    if view is not None:
+        return view
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:  # object arrays need pickle: refused

@@ -1,5 +1,8 @@
 """Items to model batches: padded `(B, T, ...)` batches, or packed batches under a token budget.
 
+Values go straight into float32 batch buffers; raw items (`prepare.select`) are scaled on the way,
+each value read once in its stored dtype and written once.
+
 Padded: each modality's date axis is padded to the batch's longest series (only `dates: all`
 series differ), padding flagged in `MOD_valid` and counted in `MOD_ndates (B,)`.
 
@@ -18,12 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from maestro.data.transforms import scaled_values
 from maestro.modalities import ModalitySpec
 
 
 def item_tokens(item: dict[str, Any], specs: dict[str, ModalitySpec]) -> dict[str, int]:
     """Tokens per modality of one item: dates × band groups × grid²."""
     return {m: item[m].shape[0] * len(s.groups) * s.tokens_per_date for m, s in specs.items()}
+
+
+def _put_values(out: np.ndarray, item: dict[str, Any], name: str, spec: ModalitySpec) -> None:
+    """An item's values into their batch slot: raw ones (with `MOD_hole`) are scaled on the way."""
+    if f"{name}_hole" in item:
+        scaled_values(item[name], item[f"{name}_hole"], spec, out=out)
+    else:
+        out[...] = item[name]
 
 
 def _stack_targets(items: list[dict[str, Any]], names: list[str]) -> dict[str, torch.Tensor]:
@@ -47,7 +59,8 @@ def collate_padded(
         v = np.zeros((len(items), t, *items[0][m].shape[2:]), bool)  # (B, T, H, W)
         for b, it in enumerate(items):
             n = lengths[b]
-            x[b, :n], d[b, :n], v[b, :n] = it[m], it[f"{m}_dates"], it[f"{m}_valid"]
+            _put_values(x[b, :n], it, m, s)
+            d[b, :n], v[b, :n] = it[f"{m}_dates"], it[f"{m}_valid"]
         batch[m], batch[f"{m}_dates"], batch[f"{m}_valid"] = map(torch.from_numpy, (x, d, v))
         batch[f"{m}_ndates"] = torch.tensor(lengths, dtype=torch.int64)
         per_date = len(s.groups) * s.tokens_per_date
@@ -69,12 +82,16 @@ def collate_packed(
 ) -> dict[str, Any]:
     batch: dict[str, Any] = {}
     tokens = [item_tokens(it, specs) for it in items]
-    for m in specs:
+    for m, s in specs.items():
         lengths = [it[m].shape[0] for it in items]
-        batch[m] = torch.from_numpy(np.concatenate([it[m] for it in items])[None])
+        cu = np.cumsum([0, *lengths])
+        x = np.empty((1, cu[-1], *items[0][m].shape[1:]), np.float32)  # (1, ΣT, C, H, W)
+        for it, a, b in zip(items, cu[:-1], cu[1:]):
+            _put_values(x[0, a:b], it, m, s)
+        batch[m] = torch.from_numpy(x)
         batch[f"{m}_dates"] = torch.from_numpy(np.concatenate([it[f"{m}_dates"] for it in items])[None])
         batch[f"{m}_valid"] = torch.from_numpy(np.concatenate([it[f"{m}_valid"] for it in items])[None])
-        batch[f"{m}_cu_dates"] = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32)
+        batch[f"{m}_cu_dates"] = torch.tensor(cu, dtype=torch.int32)
     batch["cu_seqlens"] = torch.tensor(np.cumsum([0, *(sum(t.values()) for t in tokens)]), dtype=torch.int32)
     for g, mods in groups.items():
         per_item = [sum(t[m] for m in mods) for t in tokens]

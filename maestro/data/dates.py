@@ -42,12 +42,15 @@ def select_bins(
     num_bins: int,
     offset: int,
     rng: np.random.Generator | None = None,
+    missing: np.ndarray | None = None,
 ) -> Selection:
     """One acquisition per bin, chosen as the reference does for a given `offset`.
 
     `x (T, C, H, W)` float with NaN where the data itself is missing; `cloudy (T, H, W)` bool or
     None (no mask source). `rng` given: random clear date per bin (training); None: the date
-    closest to the bin's per-pixel nanmedian (eval).
+    closest to the bin's per-pixel nanmedian (eval). `missing (T, H, W)` bool, given with `rng`:
+    the pixels missing in any channel (as if all their channels were NaN); the values of `x` are
+    then never read, since a random choice needs only which dates are complete.
     """
     t = x.shape[0]
     if t <= num_bins:  # the reference skips binning when T == N; T < N is padded (index -1)
@@ -57,25 +60,32 @@ def select_bins(
         raise ValueError(
             f"bin offset {offset} outside 0..{t - num_bins * k} for {t} acquisitions, {num_bins} bins"
         )
-    xb = x[offset : offset + num_bins * k].reshape(num_bins, k, *x.shape[1:])  # (N, k, C, H, W)
+    span = slice(offset, offset + num_bins * k)
+    if missing is None or rng is None:
+        xb = x[span].reshape(num_bins, k, *x.shape[1:])  # (N, k, C, H, W)
+        gone = np.isnan(xb)  # (N, k, C, H, W)
+    else:
+        gone = missing[span].reshape(num_bins, k, 1, *missing.shape[1:])  # (N, k, 1, H, W)
     if cloudy is not None:
-        cb = cloudy[offset : offset + num_bins * k].reshape(num_bins, k, *cloudy.shape[1:])  # (N, k, H, W)
-        all_cloudy = cb.any(axis=(2, 3)).all(axis=1)  # (N,): no clear date in the bin: nothing masked
-        hide = cb & ~all_cloudy[:, None, None, None]
-        xb = np.where(hide[:, :, None], np.float32(np.nan), xb)
-    missing = np.isnan(xb).any(axis=(2, 3, 4))  # (N, k)
+        cb = cloudy[span].reshape(num_bins, k, 1, *cloudy.shape[1:])  # (N, k, 1, H, W)
+        all_cloudy = cb.any(axis=(2, 3, 4)).all(axis=1)  # (N,): no clear date in the bin: nothing masked
+        hide = cb & ~all_cloudy[:, None, None, None, None]
+        gone = gone | hide  # cloudy pixels count as missing in every channel
+    missing_date = gone.any(axis=(2, 3, 4))  # (N, k)
     if rng is None:
+        if cloudy is not None:
+            xb = np.where(hide, np.float32(np.nan), xb)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: their score is NaN anyway
             median = np.nanmedian(xb, axis=1, keepdims=True)  # (N, 1, C, H, W)
         score = np.abs(xb - median).mean(axis=(2, 3, 4))  # (N, k), NaN where any value is missing
     else:
-        score = np.where(missing, np.nan, rng.random((num_bins, k)))
-    score = np.where(missing, np.inf, score)
+        score = rng.random((num_bins, k))
+    score = np.where(missing_date, np.inf, score)
     choice = np.argmin(score, axis=1)  # (N,)
-    none_clear = missing.all(axis=1)
+    none_clear = missing_date.all(axis=1)
     if none_clear.any():  # the reference's nanargmin raises here; keep the least-missing date
-        holes = np.isnan(xb).sum(axis=(2, 3, 4))  # (N, k)
+        holes = gone.sum(axis=(2, 3, 4))  # (N, k); per pixel, not per value, when `missing` is given
         choice = np.where(none_clear, np.argmin(holes, axis=1), choice)
     return Selection(offset + np.arange(num_bins) * k + choice, offset)
 

@@ -1,8 +1,11 @@
-"""From one decoded shard sample to model-ready items: crop → date policy → scaling → flips.
+"""From one decoded shard sample to model-ready items: crop → date policy → flips → scaling.
 
-An item holds, per input modality `MOD`: `MOD (T, C, h, w)` float32 scaled values (0 where
-invalid), `MOD_dates (T, 3)` int16, `MOD_valid (T, h, w)` bool; `ref_date (1, 3)` int16; the
-targets present; and `_key`. Training gives one item per sample (random crop, random flips when
+An item holds, per input modality `MOD`: `MOD (T, C, h, w)` values, `MOD_dates (T, 3)` int16,
+`MOD_valid (T, h, w)` bool; `ref_date (1, 3)` int16; the targets present; and `_key`. `select`
+gives raw items: values in their stored dtype (often views of the decoded arrays, never written
+to) and `MOD_hole (T, h, w)`, the pixels to zero after scaling (None when there are none); the
+loader's collate scales them straight into the batch buffers. `prepare` gives scaled items:
+float32 values, 0 where invalid, each scaled on its own as the reference's dataset does. Training gives one item per sample (random crop, random flips when
 `augment`); evaluation gives the deterministic crop grid, unflipped, with the dates chosen as the
 reference's eval mode does (the bin offset is still drawn, as the reference draws it in every stage).
 """
@@ -18,7 +21,7 @@ import numpy as np
 from maestro.config import Config
 from maestro.data import dates as date_policy
 from maestro.data.geometry import Geometry, geometry
-from maestro.data.transforms import apply_flips, flips, missing_values, scale, select_channels
+from maestro.data.transforms import apply_flips, flips, missing_values, scaled_values, select_channels
 from maestro.errors import DataError
 from maestro.modalities import ModalitySpec, TargetSpec
 from shards.schema import Sample
@@ -56,6 +59,55 @@ def fixed_date(text: str) -> np.ndarray:
     return np.array([[d.year, d.timetuple().tm_yday, 0]], dtype=np.int16)
 
 
+def select_modality(
+    x: np.ndarray,
+    acq_dates: np.ndarray,
+    cloudy: np.ndarray | None,
+    spec: ModalitySpec,
+    rng: np.random.Generator,
+    random_dates: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Cropped raw `x (T, C, h, w)` -> the chosen raw values `(N, C, h, w)` (a view of `x` when every
+    date is kept), dates `(N, 3)`, valid `(N, h, w)` and the holes to zero after scaling `(N, h, w)`
+    (missing values and padding; None when there is none)."""
+    missing = missing_values(x, spec)  # (T, h, w) or None
+    if spec.dates == "bins":
+        t = x.shape[0]
+        offset = date_policy.draw_offset(t, spec.num_dates, rng)
+        if t > spec.num_dates and random_dates:  # which dates are complete is all a random pick needs
+            gone = np.zeros((t, *x.shape[2:]), bool) if missing is None else missing
+            sel = date_policy.select_bins(x, cloudy, spec.num_dates, offset, rng, missing=gone)
+        elif t > spec.num_dates:  # values matter only when there is a choice to make
+            x_nan = x.astype(np.float32, copy=False)
+            if missing is not None:
+                x_nan = np.where(missing[:, None], np.float32(np.nan), x_nan)
+            sel = date_policy.select_bins(x_nan, cloudy, spec.num_dates, offset)
+        else:
+            sel = date_policy.select_bins(x[:, :0], None, spec.num_dates, offset)
+    else:
+        sel = date_policy.select_all(x.shape[0])
+    n, (c, h, w) = len(sel.index), x.shape[1:]
+    if x.shape[0] == 0:  # nothing acquired: every bin is padding
+        none = np.zeros((n, h, w), bool)
+        return np.zeros((n, c, h, w), x.dtype), np.zeros((n, 3), np.int16), none, ~none
+    pad = sel.index < 0
+    if n == x.shape[0] and not pad.any() and (sel.index == np.arange(n)).all():
+        idx: np.ndarray | slice = slice(None)  # every date, in order: no copy
+    else:
+        idx = np.where(pad, 0, sel.index)
+    hole = None if missing is None else missing[idx]
+    valid = np.ones((n, h, w), bool) if hole is None else ~hole
+    if cloudy is not None:
+        valid &= ~cloudy[idx]
+    if pad.any():
+        valid[pad] = False
+        hole = pad[:, None, None] | (False if hole is None else hole)
+        hole = np.broadcast_to(hole, (n, h, w))
+    if hole is not None and not hole.any():
+        hole = None
+    return x[idx], acq_dates[idx].astype(np.int16), valid, hole
+
+
 def modality_item(
     x: np.ndarray,
     acq_dates: np.ndarray,
@@ -65,37 +117,12 @@ def modality_item(
     random_dates: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cropped raw `x (T, C, h, w)` -> scaled `(N, C, h, w)`, dates `(N, 3)`, valid `(N, h, w)`."""
-    missing = missing_values(x, spec)  # (T, h, w)
-    if spec.dates == "bins":
-        t = x.shape[0]
-        offset = date_policy.draw_offset(t, spec.num_dates, rng)
-        if t > spec.num_dates:  # values matter only when there is a choice to make
-            x_nan = np.where(missing[:, None], np.float32(np.nan), x.astype(np.float32, copy=False))
-            sel = date_policy.select_bins(
-                x_nan, cloudy, spec.num_dates, offset, rng if random_dates else None
-            )
-        else:
-            sel = date_policy.select_bins(x[:, :0], None, spec.num_dates, offset)
-    else:
-        sel = date_policy.select_all(x.shape[0])
-    pad = sel.index < 0
-    idx = np.where(pad, 0, sel.index)
-    if x.shape[0] == 0:  # nothing acquired: every bin is padding
-        n, (c, h, w) = len(idx), x.shape[1:]
-        return np.zeros((n, c, h, w), np.float32), np.zeros((n, 3), np.int16), np.zeros((n, h, w), bool)
-    values = scale(x[idx], spec)  # (N, C, h, w)
-    valid = ~missing[idx]
-    if cloudy is not None:
-        valid &= ~cloudy[idx]
-    valid[pad] = False
-    hole = missing[idx] | pad[:, None, None]  # (N, h, w)
-    if hole.any():
-        values[np.broadcast_to(hole[:, None], values.shape)] = 0.0
-    return values, acq_dates[idx].astype(np.int16), valid
+    raw, dates, valid, hole = select_modality(x, acq_dates, cloudy, spec, rng, random_dates)
+    return scaled_values(raw, hole, spec), dates, valid
 
 
-def prepare(sample: Sample, recipe: Recipe, rng: np.random.Generator, where: str) -> list[dict[str, Any]]:
-    """The model items of one sample (one in training, the crop grid otherwise)."""
+def select(sample: Sample, recipe: Recipe, rng: np.random.Generator, where: str) -> list[dict[str, Any]]:
+    """The raw model items of one sample (one in training, the crop grid otherwise)."""
     geom = recipe.geom
     origins = [geom.random_origin(rng)] if recipe.train else geom.origins
     items = []
@@ -113,10 +140,11 @@ def prepare(sample: Sample, recipe: Recipe, rng: np.random.Generator, where: str
                 )
             valid = sample.valid.get(name)
             cloudy = None if valid is None else valid[:, rows, cols] == 0
-            values, acq, ok = modality_item(
+            raw, acq, ok, hole = select_modality(
                 x[:, :, rows, cols], sample.dates[name], cloudy, spec, rng, recipe.random_dates
             )
-            item[name], item[f"{name}_dates"], item[f"{name}_valid"] = values, acq, ok
+            item[name], item[f"{name}_dates"], item[f"{name}_valid"] = raw, acq, ok
+            item[f"{name}_hole"] = hole
         if recipe.ref_date in recipe.specs:
             item["ref_date"] = item[f"{recipe.ref_date}_dates"][:1]
         else:
@@ -134,8 +162,21 @@ def prepare(sample: Sample, recipe: Recipe, rng: np.random.Generator, where: str
         if recipe.augment:
             flip = flips(rng)
             rasters = [*recipe.specs, *(f"{m}_valid" for m in recipe.specs)]
+            rasters += [f"{m}_hole" for m in recipe.specs if item[f"{m}_hole"] is not None]
             rasters += [t for t, ts in recipe.targets.items() if ts.kind == "segmentation" and t in item]
             for name in rasters:
                 item[name] = apply_flips(item[name], flip)
         items.append(item)
     return items
+
+
+def scale_item(item: dict[str, Any], specs: dict[str, ModalitySpec]) -> dict[str, Any]:
+    """A raw item's values scaled on their own (float32, holes zeroed), as the reference's dataset does."""
+    for name, spec in specs.items():
+        item[name] = scaled_values(item[name], item.pop(f"{name}_hole"), spec)
+    return item
+
+
+def prepare(sample: Sample, recipe: Recipe, rng: np.random.Generator, where: str) -> list[dict[str, Any]]:
+    """The scaled model items of one sample, each on its own (the reference's per-sample way)."""
+    return [scale_item(item, recipe.specs) for item in select(sample, recipe, rng, where)]

@@ -18,7 +18,7 @@ import numpy as np
 
 from maestro.data.collate import collate_packed, collate_padded, item_tokens
 from maestro.data.plan import EpochOrder, Plan
-from maestro.data.prepare import Recipe, prepare
+from maestro.data.prepare import Recipe, select
 from maestro.data.tar_stream import read_samples
 from maestro.errors import DataError
 from maestro.modalities import ModalitySpec
@@ -116,9 +116,7 @@ class ReaderStream:
                 if not isinstance(got, _Failed):
                     rng = np.random.default_rng([plan.seed, epoch, plan.rank, self.worker, shard_i, index])
                     try:
-                        got = prepare(
-                            decode(shard.keys[index], got, f"{shard.url} "), self.recipe, rng, where
-                        )
+                        got = select(decode(shard.keys[index], got, f"{shard.url} "), self.recipe, rng, where)
                     except Exception as e:  # anything a bad sample can raise; strict re-raises
                         got = self._fail(where, e)
                 if isinstance(got, _Failed):

@@ -30,26 +30,52 @@ def select_channels(x: np.ndarray, spec: ModalitySpec, where: str) -> np.ndarray
     return x[:, spec.source_channels]
 
 
-def missing_values(x: np.ndarray, spec: ModalitySpec) -> np.ndarray:
-    """`(T, C, H, W)` -> `(T, H, W)` bool, True where any channel is NaN or equals `nodata`."""
-    bad = np.zeros((x.shape[0], *x.shape[2:]), dtype=bool)
-    if np.issubdtype(x.dtype, np.floating):
-        bad |= np.isnan(x).any(axis=1)
+def missing_values(x: np.ndarray, spec: ModalitySpec) -> np.ndarray | None:
+    """`(T, C, H, W)` -> `(T, H, W)` bool, True where any channel is NaN or equals `nodata`.
+
+    None when no value can be missing (integer values and no `nodata`): nothing to allocate or test.
+    """
+    floating = np.issubdtype(x.dtype, np.floating)
+    if not floating and spec.nodata is None:
+        return None
+    bad = np.isnan(x).any(axis=1) if floating else np.zeros((x.shape[0], *x.shape[2:]), dtype=bool)
     if spec.nodata is not None:
         bad |= (x == spec.nodata).any(axis=1)
     return bad
 
 
-def scale(x: np.ndarray, spec: ModalitySpec) -> np.ndarray:
-    """Raw values `(T, C, H, W)` -> scaled float32 values, as the reference feeds the model."""
-    x = x.astype(np.float32)  # a fresh array: the steps below work in place
+def scale(x: np.ndarray, spec: ModalitySpec, out: np.ndarray | None = None) -> np.ndarray:
+    """Raw values `(..., C, H, W)` -> scaled float32 values, as the reference feeds the model.
+
+    `out` (float32, x's shape) receives them: a slot of a batch buffer, so the values are written
+    once; the first step reads `x` in its own dtype and the rest work in place.
+    """
+    if out is None:
+        out = np.empty(x.shape, np.float32)
     if spec.log_scale:
-        np.log(np.maximum(x, np.float32(1e-10), out=x), out=x)
-    if spec.norm_fac is not None:
-        np.divide(x, np.float32(spec.norm_fac), out=x)
+        np.maximum(x, np.float32(1e-10), out=out, dtype=np.float32, casting="unsafe")
+        np.log(out, out=out)
+        if spec.norm_fac is not None:
+            np.divide(out, np.float32(spec.norm_fac), out=out)
+    elif spec.norm_fac is not None:
+        np.divide(x, np.float32(spec.norm_fac), out=out, dtype=np.float32, casting="unsafe")
+    else:
+        np.copyto(out, x, casting="unsafe")
     if spec.rescale_elev:
-        x = np.concatenate([x[:, :1], np.float32(30.0) * (x[:, :1] - x[:, 1:])], axis=1)
-    return x
+        rest = out[..., 1:, :, :]
+        np.subtract(out[..., :1, :, :], rest, out=rest)
+        np.multiply(np.float32(30.0), rest, out=rest)
+    return out
+
+
+def scaled_values(
+    x: np.ndarray, hole: np.ndarray | None, spec: ModalitySpec, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Raw `(T, C, H, W)` -> scaled float32, 0 where `hole (T, H, W)` (missing values and padding)."""
+    out = scale(x, spec, out)
+    if hole is not None:
+        np.copyto(out, np.float32(0.0), where=hole[:, None])
+    return out
 
 
 def flips(rng: np.random.Generator) -> tuple[bool, bool, bool]:
