@@ -167,3 +167,27 @@ def test_every_dataset_preset(dataset):
         k: v["visible"] for k, v in groups.items()
     }
     assert all(out.reconstructions[m].shape == batch[m].shape for m in cfg.derived.modalities)
+
+
+def test_output_is_also_a_mapping_with_lazy_images():
+    from types import SimpleNamespace
+
+    cfg = small_cfg()
+    out = build_model(cfg)(make_batch(cfg), generator=torch.Generator().manual_seed(0))
+    ns = SimpleNamespace(**out)  # how a training loop may unpack it
+    assert ns.loss is out.loss and out["masks"] is out.masks
+    assert set(ns.reconstructions) == set(cfg.derived.modalities)
+    assert ns.pixel_masks["s2"].shape == (2, 16, 10, 6, 6)
+    assert ns.reconstructions["s2"] is out.reconstructions["s2"]  # built once
+    with pytest.raises(KeyError):
+        out["geometry"]
+
+
+def test_bf16_weights_and_inputs():
+    cfg = small_cfg()
+    model = build_model(cfg).to(torch.bfloat16)
+    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in make_batch(cfg).items()}
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert model.encode(batch)["aerial"].dtype == torch.bfloat16

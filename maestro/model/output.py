@@ -1,10 +1,11 @@
-"""What a pretraining forward returns. Images for logging are built only when asked for, so the
+"""What a pretraining forward returns. Images for logging are built only when asked for, so a
 training step pays for the loss alone."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from einops import rearrange, repeat
@@ -22,13 +23,35 @@ class Geometry:
     patch: int
 
 
+class LazyImages(Mapping[str, Tensor]):
+    """{MOD: tensor} built per modality on first access."""
+
+    def __init__(self, keys: Iterable[str], build: Callable[[str], Tensor]):
+        self._keys, self._build, self._cache = list(keys), build, {}
+
+    def __getitem__(self, m: str) -> Tensor:
+        if m not in self._cache:
+            if m not in self._keys:
+                raise KeyError(m)
+            self._cache[m] = self._build(m)
+        return self._cache[m]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 @dataclass
 class ModelOutput:
     """`loss` (scalar) and `loss_per_modality`; `targets` {MOD: (B, T, C, H, W)} the resized inputs
     (invalid pixels zeroed); `masks` {key: (B, L_key)} True = masked; `valid` {MOD: (B, T, H, W)}
     the pixels that count in the loss; `token_masks` {MOD: (B, G·T·L)}; `patches` {MOD: (B·T·L, P, C)}
     the predicted patches, in the target space of `loss.target_norm`. `reconstructions` and
-    `pixel_masks` {MOD: (B, T, C, H, W)} are computed on first access."""
+    `pixel_masks` {MOD: (B, T, C, H, W)} are built per modality on first access.
+
+    Also a read-only mapping of those names (`out["loss"]`, `**out`)."""
 
     loss: Tensor
     loss_per_modality: dict[str, Tensor]
@@ -38,23 +61,28 @@ class ModelOutput:
     token_masks: dict[str, Tensor]
     patches: dict[str, Tensor]
     geometry: dict[str, Geometry] = field(repr=False)
+    reconstructions: LazyImages = field(init=False, repr=False)
+    pixel_masks: LazyImages = field(init=False, repr=False)
 
-    @cached_property
-    def reconstructions(self) -> dict[str, Tensor]:
-        return {
-            m: to_image(p, self.targets[m].shape[0], self.geometry[m].grid, self.geometry[m].patch)
-            for m, p in self.patches.items()
-        }
+    def __post_init__(self) -> None:
+        self.reconstructions = LazyImages(self.patches, self._reconstruction)
+        self.pixel_masks = LazyImages(self.token_masks, self._pixel_mask)
 
-    @cached_property
-    def pixel_masks(self) -> dict[str, Tensor]:
-        """Token masks expanded to pixels, each channel following its band group."""
-        out = {}
-        for m, tm in self.token_masks.items():
-            geo, t = self.geometry[m], self.targets[m].shape[1]
-            mk = rearrange(tm, "b (g t h w) -> b t g h w", g=len(geo.groups), t=t, h=geo.grid)
-            mk = torch.cat(
-                [mk[:, :, i : i + 1].expand(-1, -1, c, -1, -1) for i, c in enumerate(geo.groups)], 2
-            )
-            out[m] = repeat(mk, "b t c h w -> b t c (h p1) (w p2)", p1=geo.patch, p2=geo.patch)
-        return out
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name != "geometry"]
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.keys():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def _reconstruction(self, m: str) -> Tensor:
+        geo = self.geometry[m]
+        return to_image(self.patches[m], self.targets[m].shape[0], geo.grid, geo.patch)
+
+    def _pixel_mask(self, m: str) -> Tensor:
+        """Token mask expanded to pixels, each channel following its band group."""
+        geo, t = self.geometry[m], self.targets[m].shape[1]
+        mk = rearrange(self.token_masks[m], "b (g t h w) -> b t g h w", g=len(geo.groups), t=t, h=geo.grid)
+        mk = torch.cat([mk[:, :, i : i + 1].expand(-1, -1, c, -1, -1) for i, c in enumerate(geo.groups)], 2)
+        return repeat(mk, "b t c h w -> b t c (h p1) (w p2)", p1=geo.patch, p2=geo.patch)
