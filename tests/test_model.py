@@ -8,6 +8,7 @@ import torch
 from test_model_batches import make_batch
 
 from maestro import config, info
+from maestro.errors import ConfigError
 from maestro.model import build_model
 
 # TreeSatAI-TS with a small aerial image keeps every test well under a second.
@@ -191,3 +192,19 @@ def test_bf16_weights_and_inputs():
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert model.encode(batch)["aerial"].dtype == torch.bfloat16
+
+
+def test_modalities_with_one_embedding_name_share_the_layers():
+    cfg = small_cfg("data.modalities.s1_asc.embed=s1", "data.modalities.s1_des.embed=s1")
+    model = build_model(cfg)
+    assert list(model.patch_embed) == list(model.embed_to_rec) == ["aerial", "s2", "s1"]
+    assert set(model.mask_token) == {"aerial", "s2", "s1_asc", "s1_des"}  # mask tokens stay per modality
+    out = model(make_batch(cfg), generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert model.patch_embed["s1"].patchify_bands[0].conv.weight.grad is not None
+
+
+def test_flash_attention_on_cpu_is_a_clear_error():
+    cfg = small_cfg("model.attention=flash")
+    with pytest.raises(ConfigError, match="model.attention"):
+        build_model(cfg).encode(make_batch(cfg))
