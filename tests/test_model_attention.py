@@ -77,3 +77,29 @@ def test_cuda_backends_agree(lengths):
     for b in backends:
         got = attention(q, k, v, packing, b).float().cpu()
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2, msg=b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_model_backends_agree_on_cuda_in_bf16():
+    from test_model_batches import make_batch
+
+    from maestro import config
+    from maestro.model import build_model
+
+    overrides = ["data.modalities.aerial.image_size=60"]
+    batch = {k: v.cuda() for k, v in make_batch(config.from_dict({}, overrides)).items()}
+    backends = ["sdpa", "math"]
+    try:
+        check_backend("flash", torch.device("cuda"), torch.bfloat16)
+        backends.append("flash")
+    except ConfigError:
+        pass
+    losses = []
+    for b in backends:
+        torch.manual_seed(0)
+        model = build_model(config.from_dict({}, [*overrides, f"model.attention={b}"])).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses.append(model(batch, generator=torch.Generator("cuda").manual_seed(0)).loss.float())
+    for b, loss in zip(backends, losses):
+        torch.testing.assert_close(loss, losses[0], atol=2e-2, rtol=2e-2, msg=b)
