@@ -21,3 +21,15 @@ def test_bench_data_reports_loader_and_source_side_by_side(tmp_path, capsys):
         assert report[part]["samples_per_s"] > 0 and report[part]["mb_per_s"] > 0
     assert report["loader"]["decode_ms_per_sample"] > 0
     assert report["speedup"] > 0 and report["speedup_per_core"] > 0
+
+
+def test_bench_data_runs_one_side_alone(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "shards"
+    write_treesatai_source(src, 4, seed=0, max_dates=20)
+    assert main(["shards", "convert", "treesatai_ts", str(src), str(out), "--split", "train"]) == 0
+    args = ["bench", "data", str(out / "train"), "--workers", "0", "--batches", "2", "--batch-size", "2"]
+    for side, other in (("loader", "source"), ("source", "loader")):
+        capsys.readouterr()
+        assert main([*args, "--source", str(src), "--only", side, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report[side]["samples"] == 4 and other not in report and "speedup" not in report

@@ -19,9 +19,12 @@ import torch
 
 from maestro import config
 from maestro.data import build_loader
+from maestro.data.collate import collate_packed, collate_padded
+from maestro.data.prepare import Recipe, prepare, select
 from maestro.data.tar_stream import read_samples
 from maestro.errors import DataError
 from shards import storage
+from shards.schema import decode
 from shards.synth import write_synthetic
 
 AERIAL = {"aerial": {"resolution_m": 2.0, "image_size": 30, "patch_size": 10}}
@@ -243,3 +246,26 @@ def test_s3_stream_matches_local_and_survives_a_lost_object(tmp_path, s3_bucket,
     epoch0 = [b["_keys"][0] for b in batches if b["_epoch"] == 0]
     assert len(epoch0) == 18 and len(set(epoch0)) == 18
     assert batches[-1]["_skipped"] >= 5
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("modalities", [AERIAL, ALL_DATES], ids=["bins", "all-dates"])
+def test_batch_scaling_equals_scaling_each_sample_on_its_own(archive, train, modalities):
+    """The loader's raw items scaled into the batch buffers give the reference's per-sample values."""
+    cfg = _cfg(archive, modalities=modalities, token_budget=0)
+    recipe = Recipe.from_config(cfg, train)
+    first = json.loads((Path(archive) / "manifest.json").read_text())["shards"][0]["name"]
+    samples = [decode(k, m) for k, m in read_samples(f"{archive}/{first}", lambda k: True, storage.open_file)]
+    raw = [it for i, s in enumerate(samples) for it in select(s, recipe, np.random.default_rng(i), s.key)]
+    ref = [it for i, s in enumerate(samples) for it in prepare(s, recipe, np.random.default_rng(i), s.key)]
+    if modalities is ALL_DATES:  # every date kept: the synthetic NaNs are holes zeroed after scaling
+        assert any(it[f"{m}_hole"] is not None for it in raw for m in recipe.specs)
+    targets, groups = list(recipe.targets), dict(cfg.derived.groups)
+    for collate in (
+        lambda items: collate_padded(items, recipe.specs, targets),
+        lambda items: collate_packed(items, recipe.specs, groups, targets, 10**6),
+    ):
+        a, b = collate(raw), collate(ref)
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            assert torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k], k

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from maestro.errors import DataError
 from maestro.modalities import preset
 from shards import manifest, reader
+from shards.schema import load_npy
 from shards.synth import SynthItem, items, read_item, write_synthetic
 from shards.writer import Bad, ShardWriter, write_split
 
@@ -129,3 +131,36 @@ def test_parallel_workers_give_identical_shards(tmp_path):
     one = write_synthetic(str(tmp_path / "one"), "treesatai_ts", 6, sizes=SMALL, shard_samples=4)
     two = write_synthetic(str(tmp_path / "two"), "treesatai_ts", 6, sizes=SMALL, shard_samples=4, workers=2)
     assert [s["sha256"] for s in one["shards"]] == [s["sha256"] for s in two["shards"]]
+
+
+@pytest.mark.parametrize(
+    "a",
+    [
+        np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5),
+        np.array([1.5, np.nan, -2.0], dtype=">f4"),
+        np.array(7, dtype=np.int16),
+        np.zeros((0, 3), np.float32),
+        np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        np.zeros(2, [("a", "<i4"), ("b", "<f8")]),
+    ],
+    ids=["uint8", "big-endian", "0-d", "empty", "fortran", "structured"],
+)
+def test_load_npy_gives_what_np_load_gives(a):
+    buf = io.BytesIO()
+    np.save(buf, a)
+    got = load_npy(buf.getvalue(), "member")
+    assert got.dtype == a.dtype and got.shape == a.shape
+    np.testing.assert_array_equal(got, a)
+    if a.flags.c_contiguous and a.dtype.names is None:  # the plain headers np.save writes: a view
+        assert not got.flags.writeable
+
+
+def test_load_npy_refuses_pickles_and_short_data():
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="member: refused"):
+        load_npy(buf.getvalue(), "member")
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((4, 4), np.float32))
+    with pytest.raises(DataError, match="member: refused"):
+        load_npy(buf.getvalue()[:-4], "member")

@@ -1,10 +1,11 @@
-"""`maestro bench data URL [--workers N] [--batches K] [--source DIR] [--json]`: loader throughput.
+"""`maestro bench data URL [--workers N] [--batches K] [--source DIR [--only SIDE]] [--json]`: loader throughput.
 
 Streams `K` batches from a shard split with `build_loader` and reports samples/s, MB/s (shard
 bytes) and the decode and transform time per sample. With `--source DIR` (a TreeSatAI-TS archive
 in its own layout: `{split}.csv`, `aerial/*.tif`, `sentinel-ts/*.h5`), it also reads the same
 number of samples the reference's way, one sample at a time from its HDF5 and GeoTIFF files, through
 the same date policy, scaling and collate, and reports the loader's speed-up per CPU core.
+`--only loader` or `--only source` runs one side alone, so that each can be timed as a whole process.
 
 Per core means per CPU-second consumed (this process and its data-loader workers), so the
 figure holds on a busy machine where wall-clock rates swing with other jobs.
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--source", help="the same TreeSatAI-TS archive in its source layout, for the baseline")
     p.add_argument("--split", default="train", help="the source split CSV to read (with --source)")
+    p.add_argument("--only", choices=("loader", "source"), help="run one side alone (source: needs --source)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run)
 
@@ -110,8 +112,11 @@ def bench_source(cfg, root: Path, split: str, samples: int) -> dict[str, Any]:
 
 
 def bench_decode(cfg, shard_url: str, limit: int = 64) -> dict[str, float]:
-    """Mean decode and transform time per sample, in this process, over a shard's first samples."""
-    from maestro.data.prepare import Recipe, prepare
+    """Mean decode and transform time per sample, in this process, over a shard's first samples.
+
+    Transforms are the loader's per-sample ones (crop, dates, flips); its scaling happens in collate.
+    """
+    from maestro.data.prepare import Recipe, select
     from maestro.data.tar_stream import read_samples
     from shards import storage
     from shards.schema import decode
@@ -124,7 +129,7 @@ def bench_decode(cfg, shard_url: str, limit: int = 64) -> dict[str, float]:
         t0 = time.perf_counter()
         sample = decode(key, members)
         t1 = time.perf_counter()
-        prepare(sample, recipe, rng, key)
+        select(sample, recipe, rng, key)
         t_decode, t_prepare = t_decode + t1 - t0, t_prepare + time.perf_counter() - t1
         n += 1
         if n == limit:
@@ -155,16 +160,23 @@ def bench_loader(cfg, batches: int) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from maestro import config
     from maestro.cli import print_json
+    from maestro.errors import ConfigError
     from shards import manifest as manifest_io
 
     dataset = manifest_io.read(args.url)["dataset"]
     data = {"dataset": dataset, "shards": args.url, "workers": args.workers, "batch_size": args.batch_size}
     cfg = config.from_dict({"data": data})
+    if args.only == "source" and not args.source:
+        raise ConfigError("--only", "source", "--source DIR as well: the archive to read the reference's way")
     report: dict[str, Any] = {"url": args.url, "workers": args.workers, "batch_size": args.batch_size,
-                              "host_cpus": os.cpu_count(), "loader": bench_loader(cfg, args.batches)}  # fmt: skip
-    if args.source:
-        src = bench_source(cfg, Path(args.source), args.split, report["loader"]["samples"])
-        report["source"] = src
+                              "host_cpus": os.cpu_count()}  # fmt: skip
+    if args.only != "source":
+        report["loader"] = bench_loader(cfg, args.batches)
+    if args.source and args.only != "loader":
+        samples = report["loader"]["samples"] if "loader" in report else args.batches * args.batch_size
+        report["source"] = bench_source(cfg, Path(args.source), args.split, samples)
+    if "loader" in report and "source" in report:
+        src = report["source"]
         report["speedup"] = report["loader"]["samples_per_s"] / src["samples_per_s"]
         report["speedup_per_core"] = report["loader"]["samples_per_cpu_s"] / src["samples_per_cpu_s"]
     if args.json:
@@ -175,8 +187,9 @@ def run(args: argparse.Namespace) -> int:
                 r = report[part]
                 print(f"{part:>7}: {r['samples_per_s']:8.1f} samples/s  {r['mb_per_s']:8.1f} MB/s  "
                       f"{r['samples_per_cpu_s']:8.1f} samples per CPU-second")  # fmt: skip
-        print(f"decode {report['loader']['decode_ms_per_sample']:.2f} ms/sample, "
-              f"transforms {report['loader']['transform_ms_per_sample']:.2f} ms/sample")  # fmt: skip
+        if "loader" in report:
+            print(f"decode {report['loader']['decode_ms_per_sample']:.2f} ms/sample, "
+                  f"transforms {report['loader']['transform_ms_per_sample']:.2f} ms/sample")  # fmt: skip
         if "speedup_per_core" in report:
             print(f"loader vs per-file reads: {report['speedup_per_core']:.2f}x per CPU core")
     return 0

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from maestro.data.transforms import scaled_values
 from maestro.modalities import ModalitySpec
@@ -28,6 +29,21 @@ from maestro.modalities import ModalitySpec
 def item_tokens(item: dict[str, Any], specs: dict[str, ModalitySpec]) -> dict[str, int]:
     """Tokens per modality of one item: dates × band groups × grid²."""
     return {m: item[m].shape[0] * len(s.groups) * s.tokens_per_date for m, s in specs.items()}
+
+
+def _zeros(shape: tuple[int, ...], dtype: type) -> tuple[torch.Tensor, np.ndarray]:
+    """A zeroed batch buffer, as a tensor and a numpy view of it to fill.
+
+    In a data-loader worker it lives in shared memory from the start, so the batch crosses to the
+    main process without the copy torch would otherwise make (as torch's own default_collate does).
+    """
+    if get_worker_info() is None:
+        a = np.zeros(shape, dtype)  # calloc: pages are zeroed by the kernel when first written
+        return torch.from_numpy(a), a
+    t = torch.from_numpy(np.empty(0, dtype))
+    shared = torch.UntypedStorage._new_shared(int(np.prod(shape)) * t.element_size())  # zero-filled
+    t = t.new_empty(0).set_(shared, 0, shape)
+    return t, t.numpy()
 
 
 def _put_values(out: np.ndarray, item: dict[str, Any], name: str, spec: ModalitySpec) -> None:
@@ -54,14 +70,13 @@ def collate_padded(
     for m, s in specs.items():
         lengths = [it[m].shape[0] for it in items]
         t = max(lengths)
-        x = np.zeros((len(items), t, *items[0][m].shape[1:]), np.float32)  # (B, T, C, H, W)
-        d = np.zeros((len(items), t, 3), np.int16)  # (B, T, 3)
-        v = np.zeros((len(items), t, *items[0][m].shape[2:]), bool)  # (B, T, H, W)
+        batch[m], x = _zeros((len(items), t, *items[0][m].shape[1:]), np.float32)  # (B, T, C, H, W)
+        batch[f"{m}_dates"], d = _zeros((len(items), t, 3), np.int16)  # (B, T, 3)
+        batch[f"{m}_valid"], v = _zeros((len(items), t, *items[0][m].shape[2:]), bool)  # (B, T, H, W)
         for b, it in enumerate(items):
             n = lengths[b]
             _put_values(x[b, :n], it, m, s)
             d[b, :n], v[b, :n] = it[f"{m}_dates"], it[f"{m}_valid"]
-        batch[m], batch[f"{m}_dates"], batch[f"{m}_valid"] = map(torch.from_numpy, (x, d, v))
         batch[f"{m}_ndates"] = torch.tensor(lengths, dtype=torch.int64)
         per_date = len(s.groups) * s.tokens_per_date
         real += sum(lengths) * per_date
@@ -85,10 +100,9 @@ def collate_packed(
     for m, s in specs.items():
         lengths = [it[m].shape[0] for it in items]
         cu = np.cumsum([0, *lengths])
-        x = np.empty((1, cu[-1], *items[0][m].shape[1:]), np.float32)  # (1, ΣT, C, H, W)
+        batch[m], x = _zeros((1, cu[-1], *items[0][m].shape[1:]), np.float32)  # (1, ΣT, C, H, W)
         for it, a, b in zip(items, cu[:-1], cu[1:]):
             _put_values(x[0, a:b], it, m, s)
-        batch[m] = torch.from_numpy(x)
         batch[f"{m}_dates"] = torch.from_numpy(np.concatenate([it[f"{m}_dates"] for it in items])[None])
         batch[f"{m}_valid"] = torch.from_numpy(np.concatenate([it[f"{m}_valid"] for it in items])[None])
         batch[f"{m}_cu_dates"] = torch.tensor(cu, dtype=torch.int32)
