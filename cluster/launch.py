@@ -8,13 +8,16 @@ restarts the whole worker group after a crash; the restarted workers resume from
 complete checkpoint, as does a later `maestro pretrain` of the same run name.
 
 Ctrl-C or SIGTERM on the driver writes `RUN/STOP`: the workers notice it at their next log step,
-write a final checkpoint and return. A second signal aborts.
+write a final checkpoint and return. A second signal aborts. (`fit` runs off the main thread so
+that Ray's own SIGINT handler, which aborts the workers at once, stays out of the way.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +25,7 @@ import fsspec
 
 from maestro import config
 from maestro.config import Config
-from maestro.train.loop import STOP_FILE, Diverged, payload, run_url, worker_entry
+from maestro.train.loop import STOP_FILE, SUMMARY_FILE, Diverged, payload, run_url, worker_entry
 
 OBJECT_STORE_BYTES = 512 * 2**20  # checkpoints go to storage, not the object store
 
@@ -40,7 +43,12 @@ class _DriverStop:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # No I/O inside the handler: it runs within Ray's blocking `get`, which turns any
+        # exception raised there into an exit of the driver.
         self.__exit__()
+        threading.Thread(target=self._write_stop, daemon=True).start()
+
+    def _write_stop(self) -> None:
         fs, path = fsspec.core.url_to_fs(self.stop_url)
         fs.pipe_file(path, b"stop requested by the driver\n")
         print(
@@ -54,14 +62,36 @@ class _DriverStop:
         self._old = {}
 
 
-def _clear_stop(stop_url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(stop_url)
+def _remove(url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
     if fs.exists(path):
         fs.rm(path)
 
 
+def _fit_off_main_thread(trainer: Any) -> None:
+    """`trainer.fit()` in a helper thread, so that Ray does not install its own SIGINT handler
+    (which aborts the workers without a checkpoint) and the main thread keeps `_DriverStop`'s."""
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # re-raised in the main thread below
+            failure.append(e)
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if failure:
+        raise failure[0]
+
+
 def launch(cfg: Config, train_fn: Callable[[dict], None] = worker_entry) -> dict[str, Any]:
-    """Run (or resume) the run of `cfg` on Ray Train; returns rank 0's final summary."""
+    """Run (or resume) the run of `cfg` on Ray Train; returns rank 0's final summary.
+
+    `trainer.fit()` raises Ray's `TrainingFailedError` once `run.max_failures` restarts are spent.
+    """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -88,15 +118,17 @@ def launch(cfg: Config, train_fn: Callable[[dict], None] = worker_entry) -> dict
             name=r.name, storage_path=storage, failure_config=FailureConfig(max_failures=r.max_failures)
         ),
     )
-    stop_url = f"{run_url(cfg)}/{STOP_FILE}"
-    _clear_stop(stop_url)
+    stop_url, summary_url = f"{run_url(cfg)}/{STOP_FILE}", f"{run_url(cfg)}/{SUMMARY_FILE}"
+    _remove(stop_url)
+    _remove(summary_url)
     try:
         with _DriverStop(stop_url):
-            result = trainer.fit()
+            _fit_off_main_thread(trainer)
     finally:
         if started:
             ray.shutdown()
-    summary = dict(result.metrics or {})
+    fs, path = fsspec.core.url_to_fs(summary_url)
+    summary = json.loads(fs.cat_file(path))
     if "diverged" in summary:
         raise Diverged(summary["diverged"])
     return summary

@@ -17,7 +17,7 @@ from maestro.errors import MaestroError
 
 # Modules that add top-level commands (`maestro NAME ...`) and `maestro bench NAME ...` commands.
 COMMAND_MODULES = ["maestro.cli_info", "shards.cli", "maestro.train.cli"]
-BENCH_MODULES: list[str] = ["maestro.data.bench"]
+BENCH_MODULES: list[str] = ["maestro.data.bench", "maestro.train.bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

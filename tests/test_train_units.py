@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,14 +20,21 @@ def _cfg(*overrides: str):
     return config.from_dict({}, ["run.use_gpu=false", "train.steps=100", *overrides])
 
 
+@dataclass
+class Out:
+    loss: torch.Tensor
+
+
 class StandIn(nn.Module):
+    """Returns a dataclass, as the model does."""
+
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(6, 4)
         self.norm = nn.LayerNorm(4)
 
     def forward(self, x):
-        return self.norm(self.lin(x)).pow(2).mean()
+        return Out(self.norm(self.lin(x)).pow(2).mean())
 
 
 @pytest.fixture
@@ -91,8 +99,8 @@ def _engine(stage: int, seed: int):
 def _train(engine, steps: int):
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        loss = engine(torch.randn(4, 6, generator=g))
-        engine.backward(loss)
+        out = engine(torch.randn(4, 6, generator=g))
+        engine.backward(out["loss"])
         engine.step()
 
 

@@ -7,6 +7,7 @@ world size actually running. The optimizer and schedule are client torch objects
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import deepspeed
@@ -26,10 +27,47 @@ def build_engine(
 ) -> deepspeed.DeepSpeedEngine:
     """Wrap `model` (ZeRO stage, precision, clipping and accumulation from `cfg`)."""
     ds_config = config.deepspeed_config(cfg, world_size, use_gpu)
+    wrapped = DictOutputs(model)
+    if cfg.train.zero_stage == 3:
+        register_leaf_parameters(wrapped)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        model=wrapped, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
     return engine
+
+
+class DictOutputs(torch.nn.Module):
+    """The model with its output dataclass returned as a dict of its fields.
+
+    ZeRO-3 finds the tensors of a module's output in tuples, lists and dicts only; through them it
+    gathers the module's partitioned parameters again for the backward pass. The engine's output
+    is read back as attributes (`out.loss`) by `maestro.train.loop`.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        out = self.model(*args, **kwargs)
+        return {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+
+
+def register_leaf_parameters(model: torch.nn.Module) -> None:
+    """Have ZeRO-3 gather each leaf module's parameters whenever the leaf's parent runs.
+
+    ZeRO-3 gathers parameters only around their own module's forward. Containers
+    (`ParameterDict`) have none, and a parent may use a child's weight directly
+    (`F.linear(x, self.conv.weight)`); registering leaf parameters with the parent covers both,
+    at the cost of gathering them one module level earlier.
+    """
+    for parent in model.modules():
+        # The wrapped model's own output is a dataclass: its leaves go to the wrapper.
+        owner = model if isinstance(model, DictOutputs) and parent is model.model else parent
+        for child in parent.children():
+            if next(child.children(), None) is None:
+                for p in child.parameters(recurse=False):
+                    deepspeed.zero.register_external_parameter(owner, p)
 
 
 def compute_dtype(engine: deepspeed.DeepSpeedEngine) -> torch.dtype:

@@ -33,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
     else:
-        state = "stopped" if summary.get("stopped") else "finished"
+        state = "stopped" if summary["stopped"] else "finished"
         print(
-            f"{state} at step {summary.get('step')} (loss {summary.get('loss', float('nan')):.4f}); "
-            f"TensorBoard: tensorboard --logdir {summary.get('run')}/tensorboard"
+            f"{state} at step {summary['step']} (loss {summary['loss']:.4f}); "
+            f"TensorBoard: tensorboard --logdir {summary['run']}/tensorboard"
         )
     return 0

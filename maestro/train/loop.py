@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import fsspec
@@ -33,6 +34,7 @@ from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards
 from maestro.train import checkpoint, metrics, optim
 
 STOP_FILE = "STOP"
+SUMMARY_FILE = "summary.json"
 
 
 class Diverged(MaestroError):
@@ -50,9 +52,12 @@ def mask_seed(seed: int, step: int, rank: int, micro: int) -> int:
 
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Tensors to the device; floating ones in the engine's compute dtype."""
+    """Model inputs to the device, floating ones in the engine's compute dtype; loader
+    bookkeeping (`_`-prefixed keys) stays behind."""
     out = {}
     for k, v in batch.items():
+        if k.startswith("_"):
+            continue
         if isinstance(v, torch.Tensor):
             v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
         out[k] = v
@@ -72,7 +77,9 @@ class Stepper:
         outs = []
         for i, batch in enumerate(batches):
             self.generator.manual_seed(mask_seed(self.seed, step, self.rank, i))
-            out = self.engine(to_device(batch, self.device, self.dtype), generator=self.generator)
+            out = SimpleNamespace(
+                **self.engine(to_device(batch, self.device, self.dtype), generator=self.generator)
+            )
             self.engine.backward(out.loss)
             self.engine.step()
             outs.append(out)
@@ -102,7 +109,7 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _flops_per_sample(cfg: Config) -> float:
+def training_flops_per_sample(cfg: Config) -> float:
     """Training FLOPs per sample: 3 × the forward FLOPs of `maestro info` (0 while unknown)."""
     try:
         from maestro.model.flops import flops_per_sample
@@ -136,7 +143,7 @@ class Trainer:
         self.interval = metrics.Interval(self.names, place.device)
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * place.world_size
         self.tokens_per_sample = tokens(cfg)["total"]
-        self.flops_per_sample = _flops_per_sample(cfg)
+        self.flops_per_sample = training_flops_per_sample(cfg)
         self.peak = metrics.peak_flops(place.device) * place.world_size
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.board: metrics.Board | None = None
@@ -209,12 +216,12 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    def log(self, step: int, reduced: dict, seconds: float, steps: int, data_wait: float) -> None:
+    def log(self, step: int, reduced: dict, lr: float, seconds: float, steps: int, data_wait: float) -> None:
         losses = reduced["losses"]
         sps = steps * self.global_batch / seconds
         values = {"train/loss": losses["loss"]}
         values.update({f"train/loss/{m}": losses[m] for m in self.names[1:]})
-        values["train/lr"] = self.engine.get_lr()[0]
+        values["train/lr"] = lr
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
@@ -257,6 +264,7 @@ class Trainer:
                 t = time.perf_counter()
                 micro.append(next(batches))
                 data_wait += time.perf_counter() - t
+            lr = self.engine.get_lr()[0]  # a host float: the learning rate this step uses
             outs = self.stepper(step, micro)
             step += 1
             for out in outs:
@@ -280,7 +288,7 @@ class Trainer:
             now = time.perf_counter()
             loss = reduced["losses"]["loss"]
             if self.board is not None:
-                self.log(step, reduced, now - last_time, step - last_log, data_wait)
+                self.log(step, reduced, lr, now - last_time, step - last_log, data_wait)
             last_log, last_time, data_wait = step, now, 0.0
             stopped = reduced["stop"]
             if save_due or stopped:
@@ -292,6 +300,10 @@ class Trainer:
         latest = self.store.latest()
         return "none" if latest is None else f"{self.url}/{checkpoint.tag(latest)}"
 
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.place.is_main:
+            self.fs.pipe_file(f"{self.root}/{SUMMARY_FILE}", json.dumps(summary).encode())
+
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
@@ -300,6 +312,7 @@ class Trainer:
 def train(cfg: Config, on_step: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the run of `cfg` on this process's rank; returns a summary on every rank.
 
+    Rank 0 also writes the summary to `RUN/summary.json` (how the Ray driver learns the outcome).
     `on_step(step, engine)` runs after each optimizer step (fault injection in tests).
     """
     place = dist.init(config.uses_gpu(cfg))
@@ -307,9 +320,14 @@ def train(cfg: Config, on_step: Callable[[int, Any], None] | None = None) -> dic
         trainer = Trainer(cfg, place, on_step)
         try:
             with StopSignal() as stop:
-                return trainer.run(stop)
+                summary = trainer.run(stop)
+        except Diverged as e:
+            trainer.write_summary({"diverged": str(e)})
+            raise
         finally:
             trainer.close()
+        trainer.write_summary(summary)
+        return summary
     finally:
         dist.shutdown()
 
@@ -320,15 +338,13 @@ def payload(cfg: Config) -> dict[str, Any]:
 
 
 def worker_entry(loop_config: dict[str, Any], on_step: Callable[[int, Any], None] | None = None) -> None:
-    """The Ray Train worker function: train, then report the summary (rank 0's reaches the driver).
+    """The Ray Train worker function.
 
-    Divergence is reported, not raised: a restart from the last checkpoint would diverge again.
+    Divergence ends the worker normally (its summary says so): a restart from the last
+    checkpoint would only diverge again.
     """
-    import ray.train
-
     cfg = config.from_dict(loop_config["config"])
     try:
-        summary = train(cfg, on_step)
-    except Diverged as e:
-        summary = {"diverged": str(e)}
-    ray.train.report(summary)
+        train(cfg, on_step)
+    except Diverged:
+        return

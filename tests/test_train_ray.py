@@ -1,0 +1,182 @@
+"""Pretraining through Ray Train with 2 local workers on gloo: ZeRO 1/2/3, a killed worker, S3 storage.
+
+Each `launch` costs about 17 s of Ray start-up on a 2-core machine, so the runs are few and short:
+the tiny preset with smaller aerial tiles and fewer dates.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+from cluster.launch import launch
+from maestro import config
+from maestro.train import checkpoint, optim
+from maestro.train.loop import worker_entry
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "data.modalities.aerial.image_size=60",
+    "data.modalities.s2.num_dates=4",
+    "data.modalities.s1_asc.num_dates=2",
+    "data.modalities.s1_des.num_dates=2",
+    "data.batch_size=2",
+    "data.workers=1",
+    "run.workers=2",
+    "run.use_gpu=false",
+    "optim.base_lr=0.002",
+    "train.log_every=2",
+]
+METRICS = [
+    "train/loss",
+    "train/loss/aerial",
+    "train/loss/s2",
+    "train/loss/s1_asc",
+    "train/loss/s1_des",
+    "train/lr",
+    "train/grad_norm",
+    "perf/samples_per_s",
+    "perf/tokens_per_s",
+    "perf/mfu",
+    "perf/data_wait_frac",
+    "perf/step_time_s",
+    "mem/peak_gb",
+    "data/skipped_samples",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_endpoint):
+    """One local Ray for the module (started after the S3 variables are set, so workers inherit them)."""
+    import ray
+    import ray.cloudpickle
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test hooks below
+    yield
+    ray.shutdown()
+
+
+def _archive(url: str) -> str:
+    from shards.synth import write_synthetic
+
+    write_synthetic(url, "treesatai_ts", samples=16, seed=0, max_dates=4, shard_samples=2)
+    return f"{url}/train"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return _archive(str(tmp_path_factory.mktemp("archive")))
+
+
+def _cfg(shards: str, storage: str, name: str, *extra: str):
+    return config.load(
+        "configs/demo.yaml",
+        [*SMALL, f"data.shards={shards}", f"run.storage={storage}", f"run.name={name}", *extra],
+    )
+
+
+def _events(run_url: str, tmp_path) -> dict[str, dict[int, float]]:
+    """Scalars of the run's TensorBoard files (copied down first when they live on S3)."""
+    import fsspec
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fs, path = fsspec.core.url_to_fs(f"{run_url}/tensorboard")
+    local = tmp_path / "tb"
+    fs.get(f"{path}/", f"{local}/", recursive=True)
+    acc = EventAccumulator(str(local), size_guidance={"scalars": 0, "images": 0}).Reload()
+    out = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    out["images"] = acc.Tags()["images"]
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_workers_train_with_zero_stage_and_loss_falls(stage, ray_local, archive, tmp_path):
+    cfg = _cfg(archive, str(tmp_path), "zero", f"train.zero_stage={stage}", "train.steps=8",
+               "train.checkpoint_every=4", "train.image_every=4")  # fmt: skip
+    summary = launch(cfg)
+    assert summary["step"] == 8 and summary["start_step"] == 0
+    ev = _events(summary["run"], tmp_path)
+    loss = ev["train/loss"]
+    assert sorted(loss) == [2, 4, 6, 8]
+    assert loss[8] < loss[2] * 0.9
+    assert set(METRICS) - {"train/grad_norm"} <= set(ev), sorted(ev)
+    assert sorted(ev["images"]) == [f"images/{m}" for m in ("aerial", "s1_asc", "s1_des", "s2")]
+    assert 0 < ev["perf/mfu"][8] < 1 and 0 <= ev["perf/data_wait_frac"][8] < 1
+    store = checkpoint.CheckpointStore(summary["run"], keep=3)
+    assert store.complete_steps() == [4, 8]
+    files = set(os.listdir(tmp_path / "zero" / checkpoint.tag(8)))
+    per_rank = {"rank0_data.pt", "rank1_data.pt"}
+    if stage == 3:
+        per_rank |= {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)}
+        per_rank |= {"rank0_ema.pt", "rank1_ema.pt"}
+    else:
+        per_rank |= {"mp_rank_00_model_states.pt", "ema.pt"}
+    assert per_rank <= files, files
+
+
+class KillOnce:
+    """SIGKILL rank 1 after `step` on the first attempt only (a marker file remembers)."""
+
+    def __init__(self, marker: str, step: int):
+        self.marker, self.step = marker, step
+
+    def __call__(self, step: int, engine) -> None:
+        if step == self.step and torch.distributed.get_rank() == 1 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_killed_worker_is_restarted_and_resumes_from_last_checkpoint(ray_local, archive, tmp_path):
+    marker = str(tmp_path / "killed")
+    cfg = _cfg(archive, str(tmp_path), "fault", "train.steps=6", "train.checkpoint_every=2",
+               "run.max_failures=1")  # fmt: skip
+    summary = launch(cfg, functools.partial(worker_entry, on_step=KillOnce(marker, step=3)))
+    assert os.path.exists(marker)
+    assert summary["start_step"] == 2 and summary["step"] == 6
+    loss = _events(summary["run"], tmp_path)["train/loss"]
+    assert sorted(loss) == [2, 4, 6]
+
+
+class InterruptDriver:
+    """Rank 0 sends SIGINT to the driver (as Ctrl-C would) after `step`."""
+
+    def __init__(self, driver_pid: int, step: int):
+        self.driver_pid, self.step = driver_pid, step
+
+    def __call__(self, step: int, engine) -> None:
+        if step == self.step and torch.distributed.get_rank() == 0:
+            os.kill(self.driver_pid, signal.SIGINT)
+
+
+def test_stopped_run_resumes_by_name_with_shards_and_checkpoints_on_s3(ray_local, s3_bucket, tmp_path):
+    shards = _archive(f"s3://{s3_bucket}/archive")
+    storage = f"s3://{s3_bucket}/runs"
+    cfg = _cfg(shards, storage, "s3run", "train.steps=10", "train.checkpoint_every=10")
+    first = launch(cfg, functools.partial(worker_entry, on_step=InterruptDriver(os.getpid(), step=2)))
+    assert first["stopped"] and 2 <= first["step"] < 10
+    store = checkpoint.CheckpointStore(f"{storage}/s3run", keep=3)
+    assert store.complete_steps() == [first["step"]]
+    second = launch(cfg)
+    assert second["start_step"] == first["step"] and second["step"] == 10 and not second["stopped"]
+    assert store.complete_steps() == [first["step"], 10]
+    ev = _events(second["run"], tmp_path)
+    assert sorted(ev["train/loss"]) == [2, 4, 6, 8, 10]
+    # The learning rate continues the one-cycle schedule instead of restarting it.
+    model = torch.nn.Linear(1, 1)
+    opt = optim.build_optimizer(cfg, model)
+    sched = optim.build_schedule(cfg, opt)
+    expected = {}
+    for step in range(1, 11):
+        expected[step] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    assert {s: ev["train/lr"][s] for s in ev["train/lr"]} == pytest.approx(
+        {s: expected[s] for s in ev["train/lr"]}
+    )
