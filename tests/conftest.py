@@ -12,8 +12,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+# One intra-op thread per process: the suite runs on 2 cores next to data-loader and Ray worker
+# processes, and oversubscribed BLAS threads make small-model steps 10-50x slower there.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch
 
+torch.set_num_threads(1)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
