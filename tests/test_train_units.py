@@ -172,3 +172,15 @@ def test_progress_line_and_peaks():
     assert line == "step 10/70  loss 0.2500  12.5 samples/s  ETA 0:02:00"
     assert metrics.measured_cpu_flops(seconds=0.05, n=64) > 1e6
     assert metrics.PEAK_FLOPS["H100"] == 989e12
+
+
+def test_payload_makes_local_paths_absolute_and_resolves_back():
+    from maestro.train.loop import payload
+
+    cfg = _cfg("data.shards=.demo/shards/train", "run.storage=s3://bucket/runs")
+    raw = payload(cfg)["config"]
+    assert raw["data"]["shards"] == os.path.abspath(".demo/shards/train")
+    assert raw["run"]["storage"] == "s3://bucket/runs"
+    assert config.dump(config.from_dict(raw)) == config.dump(cfg).replace(
+        ".demo/shards/train", os.path.abspath(".demo/shards/train")
+    )

@@ -333,8 +333,16 @@ def train(cfg: Config, on_step: Callable[[int, Any], None] | None = None) -> dic
 
 
 def payload(cfg: Config) -> dict[str, Any]:
-    """The config as plain data for `train_loop_config` (resolved again on each worker)."""
-    return {"config": {k: v for k, v in cfg.to_dict().items() if k != "derived"}}
+    """The config as plain data for `train_loop_config` (resolved again on each worker).
+
+    Local paths become absolute: Ray workers run in their own working directories.
+    """
+    raw = {k: v for k, v in cfg.to_dict().items() if k != "derived"}
+    for section, key in (("data", "shards"), ("run", "storage")):
+        value = raw[section][key]
+        if value and "://" not in value:
+            raw[section][key] = os.path.abspath(value)
+    return {"config": raw}
 
 
 def worker_entry(loop_config: dict[str, Any], on_step: Callable[[int, Any], None] | None = None) -> None:
