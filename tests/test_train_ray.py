@@ -16,8 +16,9 @@ import torch
 
 from cluster.launch import launch
 from maestro import config
+from maestro.errors import CheckpointError
 from maestro.train import checkpoint, optim
-from maestro.train.loop import worker_entry
+from maestro.train.loop import train, worker_entry
 
 pytestmark = pytest.mark.slow
 
@@ -119,6 +120,25 @@ def test_two_workers_train_with_zero_stage_and_loss_falls(stage, ray_local, arch
     else:
         per_rank |= {"mp_rank_00_model_states.pt", "ema.pt"}
     assert per_rank <= files, files
+    if stage == 1:  # ZeRO partitions of 2 ranks do not load into 1: said before any loading
+        saved = dict(os.environ)
+        try:
+            with pytest.raises(
+                CheckpointError, match="written by 2 workers with ZeRO stage 1, this run has 1"
+            ):
+                train(
+                    _cfg(
+                        archive,
+                        str(tmp_path),
+                        "zero",
+                        "train.zero_stage=1",
+                        "train.steps=10",
+                        "run.workers=1",
+                    )
+                )
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 class KillOnce:
