@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from maestro import cli, config
+from maestro.parallel.dist import GROUP_VARIABLES
 from maestro.train import checkpoint
 from maestro.train.loop import Diverged, train
 
@@ -41,10 +42,13 @@ def archive(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def restore_environment():
     """`train` describes a one-rank group in os.environ when no launcher did; undo it per test."""
-    saved = dict(os.environ)
+    before = {k: os.environ.get(k) for k in GROUP_VARIABLES}
     yield
-    os.environ.clear()
-    os.environ.update(saved)
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _cfg(archive, tmp_path, name, *extra):
@@ -94,12 +98,15 @@ def test_nonfinite_loss_names_step_and_modalities_and_keeps_last_checkpoint(arch
                 for p in engine.module.parameters():
                     p.fill_(float("nan"))
 
-    cfg = _cfg(archive, tmp_path, "nan", "train.checkpoint_every=2", "train.log_every=2")
+    cfg = _cfg(
+        archive, tmp_path, "nan", "train.checkpoint_every=2", "train.log_every=2", "train.zero_stage=0"
+    )
     with pytest.raises(Diverged, match=r"non-finite loss at step 4 in loss, aerial, s2") as e:
         train(cfg, on_step=poison)
     assert "checkpoint_00000002" in str(e.value)
     store = checkpoint.CheckpointStore(str(tmp_path / "nan"), keep=3)
     assert store.complete_steps() == [2]
+    assert _scalars(tmp_path / "nan", "train/grad_norm")[2] > 0  # measured by the loop at stage 0
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
     assert summary["diverged"].startswith("non-finite loss at step 4")
 

@@ -13,6 +13,7 @@ from torch import nn
 from maestro import config
 from maestro.parallel import dist
 from maestro.parallel.deepspeed import build_engine, local_shards
+from maestro.parallel.dist import GROUP_VARIABLES
 from maestro.train import checkpoint, metrics, optim
 
 
@@ -39,13 +40,16 @@ class StandIn(nn.Module):
 
 @pytest.fixture
 def one_rank():
-    """A one-rank gloo group in this process; the environment is restored afterwards."""
-    saved = dict(os.environ)
+    """A one-rank gloo group in this process; the group's variables are removed afterwards."""
+    before = {k: os.environ.get(k) for k in GROUP_VARIABLES}
     place = dist.init(use_gpu=False)
     yield place
     dist.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def test_one_cycle_schedule_and_adamw_follow_the_reference():

@@ -36,6 +36,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _single_process_env() -> None:
     """Describe a one-rank group when no launcher did (DeepSpeed would otherwise look for MPI)."""
     if "RANK" in os.environ:

@@ -72,8 +72,11 @@ class Stepper:
         self.dtype = compute_dtype(engine)
         self.seed, self.rank = seed, rank
         self.generator = torch.Generator(device=device)
+        self.grad_norm: torch.Tensor | None = None  # stage 0 only, measured on request
 
-    def __call__(self, step: int, batches: list[dict[str, Any]]) -> list[Any]:
+    def __call__(self, step: int, batches: list[dict[str, Any]], measure_norm: bool = False) -> list[Any]:
+        """Run one optimizer step. `measure_norm`: keep the gradient norm (a device tensor) where
+        DeepSpeed does not compute one itself (ZeRO stage 0 without clipping)."""
         outs = []
         for i, batch in enumerate(batches):
             self.generator.manual_seed(mask_seed(self.seed, step, self.rank, i))
@@ -81,6 +84,11 @@ class Stepper:
                 **self.engine(to_device(batch, self.device, self.dtype), generator=self.generator)
             )
             self.engine.backward(out.loss)
+            if measure_norm and i == len(batches) - 1 and self.engine.zero_optimization_stage() == 0:
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                self.grad_norm = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                )
             self.engine.step()
             outs.append(out)
         if self.ema is not None:
@@ -223,6 +231,8 @@ class Trainer:
         values.update({f"train/loss/{m}": losses[m] for m in self.names[1:]})
         values["train/lr"] = lr
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.stepper.grad_norm
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
         values.update(
@@ -265,7 +275,9 @@ class Trainer:
                 micro.append(next(batches))
                 data_wait += time.perf_counter() - t
             lr = self.engine.get_lr()[0]  # a host float: the learning rate this step uses
-            outs = self.stepper(step, micro)
+            ahead = step + 1
+            logs_next = ahead % c.log_every == 0 or ahead % c.checkpoint_every == 0 or ahead == c.steps
+            outs = self.stepper(step, micro, measure_norm=logs_next)
             step += 1
             for out in outs:
                 self.interval.add(step, [out.loss, *(out.loss_per_modality[m] for m in self.names[1:])])
