@@ -92,8 +92,8 @@ def test_ema_matches_hand_computed_average_and_round_trips():
         optim.EMA([torch.zeros(3)], 0.9).load_state_dict(ema.state_dict())
 
 
-def _engine(stage: int, seed: int):
-    cfg = _cfg(f"train.zero_stage={stage}", "data.batch_size=4", "optim.base_lr=0.01")
+def _engine(seed: int):
+    cfg = _cfg("train.zero_stage=2", "data.batch_size=4", "optim.base_lr=0.01")
     torch.manual_seed(seed)
     model = StandIn()
     opt = optim.build_optimizer(cfg, model)
@@ -115,7 +115,8 @@ def test_checkpoint_store_marks_prunes_and_restores(where, one_rank, tmp_path, r
     else:
         url = str(tmp_path / "runs" / "r1")
     store = checkpoint.CheckpointStore(url, keep=2)
-    engine = _engine(2, seed=0)
+    engine = _engine(seed=0)
+    assert engine.zero_optimization_stage() == 0  # one rank: nothing to partition
     for step in (1, 2, 3):
         _train(engine, 1)
         store.save(step, engine, 0, {"rank0_data.pt": checkpoint.encode({"step": step})}, {"note": b"x"})
@@ -127,7 +128,7 @@ def test_checkpoint_store_marks_prunes_and_restores(where, one_rank, tmp_path, r
     assert checkpoint.decode(store.read(3, "rank0_data.pt")) == {"step": 3}
     saved = [t.clone() for t in local_shards(engine.module)]
     lr = engine.get_lr()[0]
-    fresh = _engine(2, seed=1)
+    fresh = _engine(seed=1)
     assert not torch.equal(local_shards(fresh.module)[0], saved[0])
     store.load(3, fresh, rank=0)
     assert all(torch.equal(a, b) for a, b in zip(local_shards(fresh.module), saved))

@@ -25,14 +25,19 @@ def build_engine(
     world_size: int,
     use_gpu: bool,
 ) -> deepspeed.DeepSpeedEngine:
-    """Wrap `model` (ZeRO stage, precision, clipping and accumulation from `cfg`)."""
+    """Wrap `model` (ZeRO stage, precision, clipping and accumulation from `cfg`; stage 0 on one rank)."""
     ds_config = config.deepspeed_config(cfg, world_size, use_gpu)
+    if world_size == 1:
+        # One rank has nothing to partition: stages 1–3 would only add copies of every gradient.
+        ds_config["zero_optimization"] = {"stage": 0}
     wrapped = DictOutputs(model)
-    if cfg.train.zero_stage == 3:
+    if ds_config["zero_optimization"]["stage"] == 3:
         register_leaf_parameters(wrapped)
     engine, _, _, _ = deepspeed.initialize(
         model=wrapped, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
+    if world_size == 1:
+        engine.enable_backward_allreduce = False  # an all-reduce over one rank is the identity
     return engine
 
 

@@ -1,12 +1,12 @@
 """`maestro bench step CONFIG [key=value ...] [--steps N] [--warmup W] [--json]`: training-step throughput.
 
-One process, one device. First the framework's step (`loop.Stepper`: DeepSpeed engine at the
-configured ZeRO stage and precision, EMA) on batches streamed live from `data.shards`, which gives
-samples/s, tokens/s, MFU and the fraction of time spent waiting for data. Then the same model,
-optimizer, schedule, masks and batches as a plain PyTorch loop without Ray or DeepSpeed. The
+One process, one device (so the engine runs ZeRO stage 0: one rank has nothing to partition).
+Each step, a batch is streamed live from `data.shards` and goes through the framework's step
+(`loop.Stepper`: DeepSpeed engine, configured precision, EMA), which gives samples/s, tokens/s,
+MFU and the fraction of time spent waiting for data; then the same batch goes through the same
+model, optimizer, schedule and masks as a plain PyTorch loop without Ray or DeepSpeed. The
 framework's overhead is `fraction_of_plain` = its samples/s without the data wait ÷ the plain
-loop's (the plain loop reads the batches from memory); `fraction_of_plain_end_to_end` includes
-the wait.
+loop's; `fraction_of_plain_end_to_end` includes the wait.
 """
 
 from __future__ import annotations
@@ -34,68 +34,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _framework(cfg: Any, place: Any, steps: int, warmup: int) -> tuple[dict[str, float], list]:
-    from maestro.data import build_loader
-    from maestro.model import build_model
-    from maestro.parallel.deepspeed import build_engine, local_shards
-    from maestro.train import optim
-    from maestro.train.loop import Stepper
+class PlainLoop:
+    """The same model, optimizer, schedule and masks as a plain PyTorch loop (no Ray, no DeepSpeed)."""
 
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
-    opt = optim.build_optimizer(cfg, model)
-    engine = build_engine(cfg, model, opt, optim.build_schedule(cfg, opt), 1, place.device.type == "cuda")
-    ema = optim.EMA(local_shards(engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
-    stepper = Stepper(engine, ema, place.device, cfg.train.seed, 0)
-    batches = iter(build_loader(cfg, 0, 1, train=True))
-    recorded, wait, start = [], 0.0, 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            _sync(place.device)
-            wait, start = 0.0, time.perf_counter()
-        t = time.perf_counter()
-        micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-        wait += time.perf_counter() - t
-        recorded.append(micro)
-        stepper(step, micro)
-    _sync(place.device)
-    return {"seconds": time.perf_counter() - start, "data_wait_s": wait}, recorded
+    def __init__(self, cfg: Any, device: torch.device, dtype: torch.dtype):
+        from maestro.model import build_model
+        from maestro.train import optim
 
+        torch.manual_seed(cfg.train.seed)
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.model = build_model(cfg).to(device, dtype)
+        self.opt = optim.build_optimizer(cfg, self.model)
+        self.sched = optim.build_schedule(cfg, self.opt)
+        self.generator = torch.Generator(device=device)
 
-def _plain(cfg: Any, place: Any, recorded: list, warmup: int, dtype: torch.dtype) -> float:
-    """The same work as a plain PyTorch loop; returns the seconds of the timed steps."""
-    from maestro.model import build_model
-    from maestro.train import optim
-    from maestro.train.loop import mask_seed, to_device
+    def __call__(self, step: int, batches: list[dict[str, Any]]) -> None:
+        from maestro.train.loop import mask_seed, to_device
 
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).to(place.device, dtype)
-    opt = optim.build_optimizer(cfg, model)
-    sched = optim.build_schedule(cfg, opt)
-    generator = torch.Generator(device=place.device)
-    accum = cfg.train.grad_accum
-    start = 0.0
-    for step, micro in enumerate(recorded):
-        if step == warmup:
-            _sync(place.device)
-            start = time.perf_counter()
-        for i, batch in enumerate(micro):
-            generator.manual_seed(mask_seed(cfg.train.seed, step, 0, i))
-            out = model(to_device(batch, place.device, dtype), generator=generator)
-            (out.loss / accum).backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    _sync(place.device)
-    return time.perf_counter() - start
+        for i, batch in enumerate(batches):
+            self.generator.manual_seed(mask_seed(self.cfg.train.seed, step, 0, i))
+            out = self.model(to_device(batch, self.device, self.dtype), generator=self.generator)
+            (out.loss / len(batches)).backward()
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
 def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
+    """Time the framework's step and the plain loop's, interleaved step by step on the same batches
+    (so that load from other processes falls on both alike)."""
     from maestro import config
+    from maestro.data import build_loader
     from maestro.info import tokens
+    from maestro.model import build_model
     from maestro.parallel import dist
-    from maestro.train import metrics
-    from maestro.train.loop import training_flops_per_sample
+    from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards
+    from maestro.train import metrics, optim
+    from maestro.train.loop import Stepper, training_flops_per_sample
 
     cfg = config.from_dict(
         {k: v for k, v in cfg.to_dict().items() if k != "derived"},
@@ -103,20 +78,38 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
     )
     place = dist.init(config.uses_gpu(cfg))
     try:
-        fw, recorded = _framework(cfg, place, steps, warmup)
-        bf16 = config.deepspeed_config(cfg, 1, place.device.type == "cuda")["bf16"]["enabled"]
-        plain_s = _plain(cfg, place, recorded, warmup, torch.bfloat16 if bf16 else torch.float32)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg)
+        opt = optim.build_optimizer(cfg, model)
+        engine = build_engine(cfg, model, opt, optim.build_schedule(cfg, opt), 1, place.device.type == "cuda")
+        ema = optim.EMA(local_shards(engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
+        framework = Stepper(engine, ema, place.device, cfg.train.seed, 0)
+        plain = PlainLoop(cfg, place.device, compute_dtype(engine))
+        batches = iter(build_loader(cfg, 0, 1, train=True))
+        fw_s = wait_s = plain_s = 0.0
+        for step in range(warmup + steps):
+            timed = step >= warmup
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            t1 = time.perf_counter()
+            framework(step, micro)
+            _sync(place.device)
+            t2 = time.perf_counter()
+            plain(step, micro)
+            _sync(place.device)
+            t3 = time.perf_counter()
+            if timed:
+                wait_s, fw_s, plain_s = wait_s + t1 - t0, fw_s + t2 - t0, plain_s + t3 - t2
+        stage, bf16 = engine.zero_optimization_stage(), engine.bfloat16_enabled()
     finally:
         dist.shutdown()
     samples = steps * cfg.data.batch_size * cfg.train.grad_accum
-    sps = samples / fw["seconds"]
-    compute_sps = samples / (fw["seconds"] - fw["data_wait_s"])
-    plain_sps = samples / plain_s
+    sps, compute_sps, plain_sps = samples / fw_s, samples / (fw_s - wait_s), samples / plain_s
     flops = training_flops_per_sample(cfg)
     peak = metrics.peak_flops(place.device)
     return {
         "device": torch.cuda.get_device_name(place.device) if place.device.type == "cuda" else "cpu",
-        "zero_stage": cfg.train.zero_stage,
+        "zero_stage": stage,
         "precision": "bf16" if bf16 else "fp32",
         "steps": steps,
         "batch_size": cfg.data.batch_size * cfg.train.grad_accum,
@@ -124,8 +117,8 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
         "tokens_per_s": sps * tokens(cfg)["total"],
         "mfu": sps * flops / peak if flops and peak else None,
         "peak_flops": peak,
-        "data_wait_frac": fw["data_wait_s"] / fw["seconds"],
-        "step_time_s": fw["seconds"] / steps,
+        "data_wait_frac": wait_s / fw_s,
+        "step_time_s": fw_s / steps,
         "plain_samples_per_s": plain_sps,
         "fraction_of_plain": compute_sps / plain_sps,
         "fraction_of_plain_end_to_end": sps / plain_sps,

@@ -167,20 +167,24 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
 
     def _ema_name(self) -> str:
-        return f"rank{self.place.rank}_ema.pt" if self.cfg.train.zero_stage == 3 else "ema.pt"
+        return f"rank{self.place.rank}_ema.pt" if self.engine.zero_optimization_stage() == 3 else "ema.pt"
 
     def save(self, step: int) -> None:
         r = self.place.rank
         files = {f"rank{r}_data.pt": checkpoint.encode(self.loader.state_dict())}
         run_files = {
             "state.json": json.dumps(
-                {"step": step, "world_size": self.place.world_size, "zero_stage": self.cfg.train.zero_stage}
+                {
+                    "step": step,
+                    "world_size": self.place.world_size,
+                    "zero_stage": self.engine.zero_optimization_stage(),
+                }
             ).encode(),
             "config.yaml": config.dump(self.cfg).encode(),
             "version.json": json.dumps(checkpoint.code_version()).encode(),
         }
         if self.ema is not None:
-            owner = files if self.cfg.train.zero_stage == 3 else run_files
+            owner = files if self.engine.zero_optimization_stage() == 3 else run_files
             owner[self._ema_name()] = checkpoint.encode(self.ema.state_dict())
         self.store.save(step, self.engine, r, files, run_files)
         self.sync_board()
@@ -193,12 +197,14 @@ class Trainer:
         if step is None:
             return 0
         state = json.loads(self.store.read(step, "state.json"))
-        if state["world_size"] != self.place.world_size and state["zero_stage"] > 0:
+        stage = self.engine.zero_optimization_stage()
+        if (state["world_size"], state["zero_stage"]) != (self.place.world_size, stage):
             raise CheckpointError(
                 f"{self.url}/{checkpoint.tag(step)} was written by {state['world_size']} workers with ZeRO "
-                f"stage {state['zero_stage']}, this run has {self.place.world_size}: ZeRO partitions load "
-                f"only at the same world size. Rerun with run.workers={state['world_size']}, or convert it "
-                "with `python -m deepspeed.checkpoint.ds_to_universal` and start a new run from it"
+                f"stage {state['zero_stage']}, this run has {self.place.world_size} with stage {stage} (one "
+                "worker runs stage 0): ZeRO state loads only into the same layout. Rerun with "
+                f"run.workers={state['world_size']}, or convert it with "
+                "`python -m deepspeed.checkpoint.ds_to_universal` and start a new run from it"
             )
         self.store.load(step, self.engine, self.place.rank)
         self.loader.load_state_dict(
