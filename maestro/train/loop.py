@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -45,6 +46,13 @@ def run_url(cfg: Config) -> str:
     """`run.storage/run.name`: an absolute local path or an `s3://` URL."""
     storage = cfg.run.storage if "://" in cfg.run.storage else os.path.abspath(cfg.run.storage)
     return f"{storage.rstrip('/')}/{cfg.run.name}"
+
+
+def console(line: str) -> None:
+    """One line on stdout. Not `print`: under Ray Train `print` is patched to also go through
+    Train's logger, and every line would show twice in the driver's output."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def mask_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -213,7 +221,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(checkpoint.decode(self.store.read(step, self._ema_name())))
         if self.place.is_main:
-            print(f"resumed from {self.url}/{checkpoint.tag(step)} (step {step})", flush=True)
+            console(f"resumed from {self.url}/{checkpoint.tag(step)} (step {step})")
         return step
 
     def sync_board(self) -> None:
@@ -255,10 +263,7 @@ class Trainer:
             values["perf/mfu"] = sps * self.flops_per_sample / self.peak
         assert self.board is not None
         self.board.scalars(step, values)
-        print(
-            metrics.progress_line(step, self.cfg.train.steps, losses["loss"], sps, seconds / steps),
-            flush=True,
-        )
+        console(metrics.progress_line(step, self.cfg.train.steps, losses["loss"], sps, seconds / steps))
 
     def images(self, step: int, out: Any) -> None:
         assert self.board is not None
