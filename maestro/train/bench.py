@@ -115,7 +115,7 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
         "batch_size": cfg.data.batch_size * cfg.train.grad_accum,
         "samples_per_s": sps,
         "tokens_per_s": sps * tokens(cfg)["total"],
-        "mfu": sps * flops / peak if flops and peak else None,
+        "mfu": sps * flops / peak if peak else None,
         "peak_flops": peak,
         "data_wait_frac": wait_s / fw_s,
         "step_time_s": fw_s / steps,

@@ -126,15 +126,15 @@ class StopSignal:
 
 
 def training_flops_per_sample(cfg: Config) -> float:
-    """Training FLOPs per sample: 3 × the forward FLOPs of `maestro info` (0 while unknown)."""
-    try:
-        from maestro.model.flops import flops_per_sample
-    except ImportError:
-        return 0.0
+    """Training FLOPs per sample: 3 × the forward FLOPs of `maestro info` (forward and backward)."""
+    from maestro.model.flops import flops_per_sample
+
     return 3.0 * float(flops_per_sample(cfg)["total"])
 
 
 class Trainer:
+    """One rank's training state: engine, EMA, shard stream, checkpoints, and (rank 0) TensorBoard."""
+
     def __init__(self, cfg: Config, place: dist.Dist, on_step: Callable[[int, Any], None] | None):
         from maestro.data import build_loader
         from maestro.info import tokens
@@ -259,7 +259,7 @@ class Trainer:
                 "data/skipped_samples": reduced["skipped"],
             }
         )
-        if self.flops_per_sample and self.peak:
+        if self.peak:
             values["perf/mfu"] = sps * self.flops_per_sample / self.peak
         assert self.board is not None
         self.board.scalars(step, values)
