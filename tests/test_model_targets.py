@@ -11,7 +11,7 @@ from test_model_batches import make_batch
 from maestro import config
 from maestro.errors import ConfigError
 from maestro.model import build_model, targets
-from maestro.model.ema import ema_copy, ema_update, reference_momentum
+from maestro.model.ema import EMA, reference_momentum
 from maestro.model.ops import kernel_ops
 
 OPS = kernel_ops("torch")
@@ -127,11 +127,13 @@ def test_band_groups_in_the_model():
 
 def test_ema():
     model = torch.nn.Linear(3, 2)
-    ema = ema_copy(model)
-    assert not any(p.requires_grad for p in ema.parameters())
-    before = ema.weight.clone()
+    ema = EMA(list(model.parameters()), 0.9)
+    before = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
-    ema_update(ema, model, 0.9)
-    torch.testing.assert_close(ema.weight, before + 0.1)
+    ema.update()
+    copy = torch.nn.Linear(3, 2)
+    ema.copy_to(list(copy.parameters()))
+    torch.testing.assert_close(copy.weight, before + 0.1)
+    torch.testing.assert_close(copy.bias, model.bias)
     assert reference_momentum(100) == pytest.approx(0.95) and reference_momentum(10) == pytest.approx(0.5)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from maestro import config
+from maestro.model.ema import EMA
 from maestro.parallel import dist
 from maestro.parallel.deepspeed import build_engine, local_shards
 from maestro.parallel.dist import GROUP_VARIABLES
@@ -81,15 +82,15 @@ def test_weight_decay_exclusions_leave_matrices_decayed():
 
 def test_ema_matches_hand_computed_average_and_round_trips():
     w = torch.tensor([1.0, 2.0])
-    ema = optim.EMA([w], momentum=0.9)
+    ema = EMA([w], momentum=0.9)
     w += 10.0
     ema.update()
     assert torch.allclose(ema.shadow[0], torch.tensor([1.0, 2.0]) * 0.9 + torch.tensor([11.0, 12.0]) * 0.1)
-    other = optim.EMA([torch.zeros(2)], momentum=0.9)
+    other = EMA([torch.zeros(2)], momentum=0.9)
     other.load_state_dict(checkpoint.decode(checkpoint.encode(ema.state_dict())))
     assert torch.equal(other.shadow[0], ema.shadow[0])
     with pytest.raises(Exception, match="EMA state holds tensors of shapes"):
-        optim.EMA([torch.zeros(3)], 0.9).load_state_dict(ema.state_dict())
+        EMA([torch.zeros(3)], 0.9).load_state_dict(ema.state_dict())
 
 
 def _engine(seed: int):

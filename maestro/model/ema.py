@@ -1,24 +1,17 @@
 """Exponential moving average of the model's parameters (maestro_reference.md §1.13).
 
-The reference keeps a frozen deep copy taken at construction and updates it once per epoch with
-`m = 1 − 1/(0.2·max_epochs)` (`reference_momentum`); the usual alternative is a per-step update
-with a fixed momentum close to 1 (`train.ema_momentum`). Both use `ema_update`. Only parameters are
-averaged, not buffers, as the reference.
+`θ_ema ← m·θ_ema + (1 − m)·θ` over a list of parameter tensors, kept in float32 on their device,
+without a host sync. Only parameters are averaged, not buffers, as the reference. The reference
+updates once per epoch with `m = 1 − 1/(0.2·max_epochs)` (`reference_momentum`); training here
+updates after every optimizer step with `train.ema_momentum`. Given a rank's ZeRO-3 partitions
+instead of whole tensors, the average is sharded like the weights.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from torch import nn
 
-
-def ema_copy(model: nn.Module) -> nn.Module:
-    """A frozen deep copy of `model` to hold the average."""
-    ema = copy.deepcopy(model)
-    ema.requires_grad_(False)
-    return ema
+from maestro.errors import CheckpointError
 
 
 def reference_momentum(max_epochs: int) -> float:
@@ -26,11 +19,35 @@ def reference_momentum(max_epochs: int) -> float:
     return 1.0 - 1.0 / (0.2 * max_epochs)
 
 
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, momentum: float) -> None:
-    """θ_ema ← m·θ_ema + (1 − m)·θ for every parameter, in place, without a host sync."""
-    ema_params = [p for _, p in sorted(ema.named_parameters())]
-    params = [p.detach() for _, p in sorted(model.named_parameters())]
-    if len(ema_params) != len(params):
-        raise ValueError(f"EMA copy has {len(ema_params)} parameters, the model {len(params)}")
-    torch._foreach_lerp_(ema_params, params, 1.0 - momentum)
+class EMA:
+    """A float32 shadow copy of `tensors`, averaged in place by `update()`."""
+
+    def __init__(self, tensors: list[torch.Tensor], momentum: float):
+        self.tensors = tensors
+        self.momentum = momentum
+        self.shadow = [t.detach().float().clone() for t in tensors]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        current = [t.float() for t in self.tensors]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.momentum)
+
+    @torch.no_grad()
+    def copy_to(self, tensors: list[torch.Tensor]) -> None:
+        """Write the average into `tensors` (e.g. the parameters of a model copy for evaluation)."""
+        for t, s in zip(tensors, self.shadow, strict=True):
+            t.copy_(s)
+
+    def state_dict(self) -> dict:
+        return {"momentum": self.momentum, "shadow": [s.cpu() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        shapes = [tuple(s.shape) for s in self.shadow]
+        loaded = [tuple(s.shape) for s in state["shadow"]]
+        if shapes != loaded:
+            raise CheckpointError(
+                f"the EMA state holds tensors of shapes {loaded[:3]}…, the model {shapes[:3]}…; "
+                "resume with the model config (model.size, data.inputs) the run was started with"
+            )
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)

@@ -67,6 +67,7 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
     from maestro.data import build_loader
     from maestro.info import tokens
     from maestro.model import build_model
+    from maestro.model.ema import EMA
     from maestro.parallel import dist
     from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards
     from maestro.train import metrics, optim
@@ -82,7 +83,7 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
         model = build_model(cfg)
         opt = optim.build_optimizer(cfg, model)
         engine = build_engine(cfg, model, opt, optim.build_schedule(cfg, opt), 1, place.device.type == "cuda")
-        ema = optim.EMA(local_shards(engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
+        ema = EMA(local_shards(engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
         framework = Stepper(engine, ema, place.device, cfg.train.seed, 0)
         plain = PlainLoop(cfg, place.device, compute_dtype(engine))
         batches = iter(build_loader(cfg, 0, 1, train=True))

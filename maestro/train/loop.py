@@ -30,6 +30,7 @@ import torch
 from maestro import config
 from maestro.config import Config
 from maestro.errors import CheckpointError, MaestroError
+from maestro.model.ema import EMA
 from maestro.parallel import dist
 from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards
 from maestro.train import checkpoint, metrics, optim
@@ -75,7 +76,7 @@ def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -
 class Stepper:
     """One optimizer step: `grad_accum` micro-batches through forward, backward and the engine step."""
 
-    def __init__(self, engine: Any, ema: optim.EMA | None, device: torch.device, seed: int, rank: int):
+    def __init__(self, engine: Any, ema: EMA | None, device: torch.device, seed: int, rank: int):
         self.engine, self.ema, self.device = engine, ema, device
         self.dtype = compute_dtype(engine)
         self.seed, self.rank = seed, rank
@@ -149,9 +150,7 @@ class Trainer:
         self.engine = build_engine(
             cfg, model, optimizer, schedule, place.world_size, place.device.type == "cuda"
         )
-        self.ema = (
-            optim.EMA(local_shards(self.engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
-        )
+        self.ema = EMA(local_shards(self.engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
         self.loader = build_loader(cfg, place.rank, place.world_size, train=True)
         self.store = checkpoint.CheckpointStore(self.url, cfg.train.keep_checkpoints)
         self.stepper = Stepper(self.engine, self.ema, place.device, cfg.train.seed, place.rank)

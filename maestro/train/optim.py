@@ -1,4 +1,4 @@
-"""The reference's optimizer recipe (maestro_reference.md §5.2) and a per-step EMA of the weights.
+"""The reference's optimizer recipe (maestro_reference.md §5.2).
 
 AdamW with betas (0.9, 0.99) and weight decay 0.01 on every parameter (the reference decays norms
 and biases too; `optim.decay_norms_and_biases=false` gives the usual exclusions). The absolute
@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from maestro.config import Config
-from maestro.errors import CheckpointError
 
 
 def parameter_groups(cfg: Config, model: torch.nn.Module) -> list[dict]:
@@ -45,35 +44,3 @@ def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim
         div_factor=o.div_factor,
         final_div_factor=o.final_factor / o.div_factor,
     )
-
-
-class EMA:
-    """θ_ema ← m·θ_ema + (1−m)·θ after every optimizer step, in fp32, on the parameters' device.
-
-    Holds one tensor per given parameter tensor (under ZeRO-3, this rank's partitions, so the
-    average is sharded like the weights). Only parameters are averaged, as the reference.
-    """
-
-    def __init__(self, tensors: list[torch.Tensor], momentum: float):
-        self.tensors = tensors
-        self.momentum = momentum
-        self.shadow = [t.detach().float().clone() for t in tensors]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        current = [t.float() for t in self.tensors]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - self.momentum)
-
-    def state_dict(self) -> dict:
-        return {"momentum": self.momentum, "shadow": [s.cpu() for s in self.shadow]}
-
-    def load_state_dict(self, state: dict) -> None:
-        shapes = [tuple(s.shape) for s in self.shadow]
-        loaded = [tuple(s.shape) for s in state["shadow"]]
-        if shapes != loaded:
-            raise CheckpointError(
-                f"the EMA state holds tensors of shapes {loaded[:3]}…, the model {shapes[:3]}…; "
-                "resume with the model config (model.size, data.inputs) the run was started with"
-            )
-        for s, v in zip(self.shadow, state["shadow"]):
-            s.copy_(v)
