@@ -19,6 +19,7 @@ import torch
 
 from maestro import config
 from maestro.data import build_loader
+from maestro.data.arena import MAX_SLOTS, Arena
 from maestro.data.collate import collate_packed, collate_padded
 from maestro.data.prepare import Recipe, prepare, select
 from maestro.data.tar_stream import read_samples
@@ -272,3 +273,45 @@ def test_batch_scaling_equals_scaling_each_sample_on_its_own(archive, train, mod
         assert a.keys() == b.keys()
         for k, v in a.items():
             assert torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k], k
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_held_by_the_consumer_are_never_overwritten(archive, workers):
+    """Arena contract: a slot is reused only once no tensor of its batch is referenced."""
+    it = iter(build_loader(_cfg(archive, workers=workers)))
+    held, copies = [], []
+    for _ in range(2 * MAX_SLOTS):  # more than the arenas hold: the rest get buffers of their own
+        held.append(next(it))
+        copies.append({k: v.clone() for k, v in held[-1].items() if isinstance(v, torch.Tensor)})
+    view = held[0]["s2"][1:]  # a view alone keeps its batch's slot busy
+    del held[0]
+    ptrs = []
+    for _ in range(12):  # dropped at once: their slots come back
+        ptrs.append(next(it)["aerial"].data_ptr())
+    assert len(set(ptrs)) < len(ptrs)
+    assert torch.equal(view, copies[0]["s2"][1:])
+    for b, c in zip(held, copies[1:]):
+        for k, v in c.items():
+            assert torch.equal(b[k], v), k
+
+
+def test_arena_reuses_a_slot_only_after_its_batch_is_gone():
+    arena = Arena(shared=False, max_slots=2)
+    layout = {"x": ((3, 5), np.float32), "v": ((3,), bool)}
+
+    def slot_of(buffers) -> int | None:
+        p = buffers["x"][1].ctypes.data
+        return next((i for i, s in enumerate(arena.slots) if 0 <= p - s.ctypes.data < len(s)), None)
+
+    a, b = arena.buffers(layout), arena.buffers(layout)
+    assert (slot_of(a), slot_of(b)) == (0, 1)
+    b["x"][1][...] = 1
+    assert slot_of(arena.buffers(layout)) is None  # both busy: buffers of its own (dropped at once)
+    x = a["x"][0][1:]  # a view of one tensor keeps the whole batch's slot busy
+    del a
+    assert slot_of(arena.buffers(layout)) is None
+    del x
+    c = arena.buffers(layout)
+    assert slot_of(c) == 0
+    c["x"][1][...] = 7
+    assert (b["x"][1] == 1).all()

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
 
+from maestro.data.arena import Arena, Buffer, Layout, fresh
 from maestro.data.transforms import scaled_values
 from maestro.modalities import ModalitySpec
 
@@ -31,19 +31,10 @@ def item_tokens(item: dict[str, Any], specs: dict[str, ModalitySpec]) -> dict[st
     return {m: item[m].shape[0] * len(s.groups) * s.tokens_per_date for m, s in specs.items()}
 
 
-def _zeros(shape: tuple[int, ...], dtype: type) -> tuple[torch.Tensor, np.ndarray]:
-    """A zeroed batch buffer, as a tensor and a numpy view of it to fill.
-
-    In a data-loader worker it lives in shared memory from the start, so the batch crosses to the
-    main process without the copy torch would otherwise make (as torch's own default_collate does).
-    """
-    if get_worker_info() is None:
-        a = np.zeros(shape, dtype)  # calloc: pages are zeroed by the kernel when first written
-        return torch.from_numpy(a), a
-    t = torch.from_numpy(np.empty(0, dtype))
-    shared = torch.UntypedStorage._new_shared(int(np.prod(shape)) * t.element_size())  # zero-filled
-    t = t.new_empty(0).set_(shared, 0, shape)
-    return t, t.numpy()
+def _buffers(layout: Layout, arena: Arena | None) -> dict[str, Buffer]:
+    """Uninitialized batch arrays: from the arena (reused memory) when there is one; collate
+    writes every element, padding included."""
+    return fresh(layout) if arena is None else arena.buffers(layout)
 
 
 def _put_values(out: np.ndarray, item: dict[str, Any], name: str, spec: ModalitySpec) -> None:
@@ -63,24 +54,36 @@ def _stack_targets(items: list[dict[str, Any]], names: list[str]) -> dict[str, t
 
 
 def collate_padded(
-    items: list[dict[str, Any]], specs: dict[str, ModalitySpec], targets: list[str]
+    items: list[dict[str, Any]],
+    specs: dict[str, ModalitySpec],
+    targets: list[str],
+    arena: Arena | None = None,
 ) -> dict[str, Any]:
     batch: dict[str, Any] = {}
     real = padded = 0
+    n_items = len(items)
+    lengths = {m: [it[m].shape[0] for it in items] for m in specs}
+    layout: Layout = {}
+    for m in specs:
+        t, shape = max(lengths[m]), items[0][m].shape
+        layout[m] = (n_items, t, *shape[1:]), np.float32  # (B, T, C, H, W)
+        layout[f"{m}_dates"] = (n_items, t, 3), np.int16  # (B, T, 3)
+        layout[f"{m}_valid"] = (n_items, t, *shape[2:]), bool  # (B, T, H, W)
+    buffers = _buffers(layout, arena)
     for m, s in specs.items():
-        lengths = [it[m].shape[0] for it in items]
-        t = max(lengths)
-        batch[m], x = _zeros((len(items), t, *items[0][m].shape[1:]), np.float32)  # (B, T, C, H, W)
-        batch[f"{m}_dates"], d = _zeros((len(items), t, 3), np.int16)  # (B, T, 3)
-        batch[f"{m}_valid"], v = _zeros((len(items), t, *items[0][m].shape[2:]), bool)  # (B, T, H, W)
+        batch[m], x = buffers[m]
+        batch[f"{m}_dates"], d = buffers[f"{m}_dates"]
+        batch[f"{m}_valid"], v = buffers[f"{m}_valid"]
+        t = x.shape[1]
         for b, it in enumerate(items):
-            n = lengths[b]
+            n = lengths[m][b]
             _put_values(x[b, :n], it, m, s)
             d[b, :n], v[b, :n] = it[f"{m}_dates"], it[f"{m}_valid"]
-        batch[f"{m}_ndates"] = torch.tensor(lengths, dtype=torch.int64)
+            x[b, n:], d[b, n:], v[b, n:] = 0, 0, False
+        batch[f"{m}_ndates"] = torch.tensor(lengths[m], dtype=torch.int64)
         per_date = len(s.groups) * s.tokens_per_date
-        real += sum(lengths) * per_date
-        padded += (t * len(items) - sum(lengths)) * per_date
+        real += sum(lengths[m]) * per_date
+        padded += (t * n_items - sum(lengths[m])) * per_date
     batch["ref_date"] = torch.from_numpy(np.stack([it["ref_date"] for it in items]))
     batch.update(_stack_targets(items, targets))
     batch["_keys"] = [it["_key"] for it in items]
@@ -94,13 +97,18 @@ def collate_packed(
     groups: dict[str, list[str]],
     targets: list[str],
     budget: int,
+    arena: Arena | None = None,
 ) -> dict[str, Any]:
     batch: dict[str, Any] = {}
     tokens = [item_tokens(it, specs) for it in items]
+    cus = {m: np.cumsum([0, *(it[m].shape[0] for it in items)]) for m in specs}
+    layout: Layout = {
+        m: ((1, int(cus[m][-1]), *items[0][m].shape[1:]), np.float32) for m in specs
+    }  # (1, ΣT, C, H, W)
+    buffers = _buffers(layout, arena)
     for m, s in specs.items():
-        lengths = [it[m].shape[0] for it in items]
-        cu = np.cumsum([0, *lengths])
-        batch[m], x = _zeros((1, cu[-1], *items[0][m].shape[1:]), np.float32)  # (1, ΣT, C, H, W)
+        cu = cus[m]
+        batch[m], x = buffers[m]  # every date of every item fills it: nothing to pad
         for it, a, b in zip(items, cu[:-1], cu[1:]):
             _put_values(x[0, a:b], it, m, s)
         batch[f"{m}_dates"] = torch.from_numpy(np.concatenate([it[f"{m}_dates"] for it in items])[None])

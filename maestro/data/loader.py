@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from maestro.config import Config
+from maestro.data.arena import Arena, Receiver
 from maestro.data.plan import Plan, load_shards
 from maestro.data.prepare import Recipe
 from maestro.data.stream import Batching, ReaderStream
@@ -41,6 +42,7 @@ class _RankStreams(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = ((0 if info is None else info.id) + self.rotation) % self.plan.workers
+        arena = Arena(shared=info is not None)
         stream = ReaderStream(
             self.plan,
             self.recipe,
@@ -49,8 +51,9 @@ class _RankStreams(IterableDataset):
             self.strict,
             storage.open_file,
             self.skipped[worker],
+            arena,
         )
-        return stream.batches(self.positions[worker])
+        return (arena.pack(batch) for batch in stream.batches(self.positions[worker]))
 
 
 class Loader:
@@ -100,15 +103,18 @@ class Loader:
         w = self.plan.workers
         rotation = self._batches % w
         data = _RankStreams(self, rotation)
+        pin = torch.cuda.is_available()
         loader = DataLoader(
             data,
             batch_size=None,
             num_workers=self.workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=pin,
             prefetch_factor=2 if self.workers else None,
         )
+        receiver = Receiver(pin)
         for j, batch in enumerate(loader):
             worker = batch.pop("_worker")
+            receiver.unpack(batch, worker)
             assert worker == (rotation + j) % w, "data-loader workers out of round-robin order"
             self._positions[worker] = list(batch.pop("_pos"))
             self._skipped[worker] = batch.pop("_worker_skipped")

@@ -16,6 +16,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from maestro.data.arena import Arena
 from maestro.data.collate import collate_packed, collate_padded, item_tokens
 from maestro.data.plan import EpochOrder, Plan
 from maestro.data.prepare import Recipe, select
@@ -51,10 +52,12 @@ class ReaderStream:
         strict: bool,
         opener: Callable[[str], IO[bytes]],
         skipped: int = 0,
+        arena: Arena | None = None,
     ):
         self.plan, self.recipe, self.batching = plan, recipe, batching
         self.worker, self.strict, self.opener = worker, strict, opener
         self.skipped = skipped  # samples skipped so far by this reader (restored with its position)
+        self.arena = arena  # reused batch buffers (see maestro/data/arena.py); None: fresh ones
 
     def _fail(self, where: str, e: BaseException) -> _Failed:
         if self.strict:
@@ -148,7 +151,7 @@ class ReaderStream:
                 for _ in range(b.batch_size):
                     item, pos, skipped = next(items)
                     taken.append(item)
-                batch = collate_padded(taken, specs, targets)
+                batch = collate_padded(taken, specs, targets, self.arena)
             else:
                 used = 0
                 while True:
@@ -165,6 +168,6 @@ class ReaderStream:
                         break
                     taken.append(item)
                     used, pos, skipped = used + n, after, skipped_before
-                batch = collate_packed(taken, specs, b.groups, targets, b.token_budget)
+                batch = collate_packed(taken, specs, b.groups, targets, b.token_budget, self.arena)
             batch.update(_worker=self.worker, _pos=pos, _epoch=pos[0], _worker_skipped=skipped)
             yield batch
