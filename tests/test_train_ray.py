@@ -17,6 +17,7 @@ import torch
 from cluster.launch import launch
 from maestro import config
 from maestro.errors import CheckpointError
+from maestro.parallel.deepspeed import safe_load
 from maestro.parallel.dist import GROUP_VARIABLES
 from maestro.train import checkpoint, optim
 from maestro.train.loop import train, worker_entry
@@ -121,6 +122,8 @@ def test_two_workers_train_with_zero_stage_and_loss_falls(stage, ray_local, arch
     else:
         per_rank |= {"mp_rank_00_model_states.pt", "ema.pt"}
     assert per_rank <= files, files
+    for name in sorted(f for f in files if f.endswith(".pt")):  # every file loads weights-only
+        safe_load(str(tmp_path / "zero" / checkpoint.tag(8) / name), "cpu")
     if stage == 1:  # ZeRO partitions of 2 ranks do not load into 1: said before any loading
         one = _cfg(archive, str(tmp_path), "zero", "train.zero_stage=1", "train.steps=10", "run.workers=1")
         try:

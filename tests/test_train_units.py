@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from maestro import config
+from maestro.errors import CheckpointError
 from maestro.model.ema import EMA
 from maestro.parallel import dist
-from maestro.parallel.deepspeed import build_engine, local_shards
+from maestro.parallel.deepspeed import build_engine, local_shards, safe_load
 from maestro.parallel.dist import GROUP_VARIABLES
 from maestro.train import checkpoint, metrics, optim
 
@@ -190,3 +191,16 @@ def test_payload_makes_local_paths_absolute_and_resolves_back():
     assert config.dump(config.from_dict(raw)) == config.dump(cfg).replace(
         ".demo/shards/train", os.path.abspath(".demo/shards/train")
     )
+
+
+class _Payload:
+    """Any class a hostile checkpoint could name to run code when unpickled."""
+
+
+def test_deepspeed_checkpoints_load_weights_only_and_refuse_other_objects(tmp_path):
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "step": 3}, good)
+    torch.save({"module": {"w": torch.ones(2)}, "evil": _Payload()}, bad)
+    assert safe_load(str(good), "cpu")["step"] == 3
+    with pytest.raises(CheckpointError, match="bad.pt: refused to load"):
+        safe_load(str(bad), "cpu")

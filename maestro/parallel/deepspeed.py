@@ -3,11 +3,14 @@
 The config dict comes from `maestro.config.deepspeed_config` (the one place it is built), for the
 world size actually running. The optimizer and schedule are client torch objects
 (`maestro.train.optim`): DeepSpeed's own config optimizers would JIT-build fused ops on CPU.
+Checkpoints are read back with `torch.load(weights_only=True)` (`safe_load`): a checkpoint in shared
+storage is never trusted to run code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from typing import Any
 
 import deepspeed
@@ -15,6 +18,7 @@ import torch
 
 from maestro import config
 from maestro.config import Config
+from maestro.errors import CheckpointError
 
 
 def build_engine(
@@ -38,7 +42,32 @@ def build_engine(
     )
     if world_size == 1:
         engine.enable_backward_allreduce = False  # an all-reduce over one rank is the identity
+    # Every file DeepSpeed reads back (model states, optimizer partitions) goes through this call.
+    engine.checkpoint_engine.load = safe_load
     return engine
+
+
+def _deepspeed_checkpoint_classes() -> list[type]:
+    """The DeepSpeed classes its checkpoints hold besides tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location: Any = None) -> Any:
+    """`torch.load` with `weights_only=True`: tensors, plain containers and the allowlisted DeepSpeed
+    classes only; anything else in the file is refused with a `CheckpointError` naming it."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), str(e)[:200])
+        raise CheckpointError(
+            f"{path}: refused to load ({reason}); maestro loads checkpoints weights-only and never "
+            "runs code from them. Delete this checkpoint folder to resume from the one before it."
+        ) from e
 
 
 class DictOutputs(torch.nn.Module):
