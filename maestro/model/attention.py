@@ -44,6 +44,13 @@ class Packing:
         longest, shortest = int(lengths.max()), int(lengths.min())
         return Packing(cu, longest, longest if longest == shortest else None)
 
+    @staticmethod
+    def from_list(lengths: list[int], device: torch.device) -> Packing:
+        """Sequences of lengths known on the host (no sync)."""
+        cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(device, torch.int32)
+        longest = max(lengths, default=0)
+        return Packing(cu, longest, longest if min(lengths, default=0) == longest else None)
+
     @property
     def num_seqs(self) -> int:
         return self.cu_seqlens.numel() - 1

@@ -14,6 +14,12 @@ Sequence keys by `model.fusion` (also the keys of the masks, as `maestro.info.se
   `shared` runs every modality through one encoder and one decoder (module key `shared`).
 Inside the encoder tokens travel as packed rows (`attention.Packing`), so given masks with unequal
 visible counts per sample work too; random draws keep every sequence the same length.
+
+Packed batches (`MOD_cu_dates` present; layout in `maestro.model.packed`) hold samples with their own
+date counts: every sequence has its own length, the random draw masks `round(ratio·L)` of each (the
+ratio from the sample's own dates × band groups), and encoder, joint blocks and decoder run on the
+packed rows without padding. Their loss weights modalities by the registry's `num_dates`
+(`w_m = N_m·g_m²`, as the reference), not by the dates in the batch.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from maestro.model import targets
 from maestro.model.attention import Packing, check_backend
 from maestro.model.blocks import Transformer
 from maestro.model.encodings import date_encoding, position_encoding, sincos_table
-from maestro.model.masking import Structure, exact_mask, propose, select_visible
+from maestro.model.masking import Structure, exact_mask, propose, select_packed, select_visible
 from maestro.model.ops import kernel_ops
 from maestro.model.output import Geometry, ModelOutput
+from maestro.model.packed import PackedLayout, build_layout, is_packed
 from maestro.model.patch_embed import Patchify, Pixelify, to_patches
 from maestro.sizes import SIZES
 
@@ -157,7 +164,10 @@ class MAESTRO(nn.Module):
         """Position + date encodings of modality m: (B, G·T·L, dim)."""
         dim = self.dec_dim if decoder else self.dim
         g = len(self.specs[m].groups)
-        dates = date_encoding(batch[f"{m}_dates"], batch["ref_date"], dim, self.date_scale)  # (B, T, dim)
+        ref, cu = batch["ref_date"], batch.get(f"{m}_cu_dates")
+        if cu is not None:  # packed: each date takes its own sample's reference date, (1, ΣT, 3)
+            ref = ref[:, 0].repeat_interleave(cu.diff().long(), 0, output_size=t)[None]
+        dates = date_encoding(batch[f"{m}_dates"], ref, dim, self.date_scale)  # (B, T, dim)
         dates = repeat(dates, "b t e -> b (g t) 1 e", g=g)
         return (dates + self.pos_enc(m, decoder)).flatten(1, 2)
 
@@ -259,9 +269,14 @@ class MAESTRO(nn.Module):
         return out
 
     def encode(self, batch: Batch) -> dict[str, Tensor]:
-        """All tokens after the full encoder, without masking: {MOD: (B, T·G·L, E)}."""
+        """All tokens after the full encoder, without masking: {MOD: (B, T·G·L, E)}; for a packed
+        batch {MOD: (1, Σ_i G·T_i·L, E)}, sample after sample, each in the order above."""
         xs, _ = self.prepare(batch)
         tokens = self.embed(batch, xs)
+        if is_packed(batch):
+            lay = build_layout(batch, self.specs, self.members, self.per_image)
+            enc = self.encode_rows(lay.to_packed(tokens, self.members), lay.packing)
+            return lay.per_sample(enc, self.members)
         seqs = self.to_sequences(tokens)
         b = next(iter(seqs.values())).shape[0]
         rows, packs = {}, {}
@@ -275,16 +290,28 @@ class MAESTRO(nn.Module):
 
     # --- decoder and loss -------------------------------------------------------------------------
 
-    def _mask_table(self, key: str, shapes: dict[str, tuple[int, int, int]], device) -> tuple[Tensor, Tensor]:
-        """Mask tokens of a key's modalities and band groups (ΣG, E_d), and which one each position
-        of a sample's sequence takes (L_key,) — its own modality's and band group's."""
-        table = torch.cat([self.mask_token[m].reshape(-1, self.dec_dim) for m in self.members[key]])
+    def _mask_ids(self, key: str, shapes: dict[str, tuple[int, int, int]], device) -> Tensor:
+        """Which mask token (of the key's modalities and band groups, in order) each position of a
+        sample's sequence takes (L_key,) — its own modality's and band group's."""
         ids, offset = [], 0
         for m in self.members[key]:
             g, t, n = shapes[m]
             ids.append(torch.arange(offset, offset + g, device=device).repeat_interleave(t * n))
             offset += g
-        return table, torch.cat(ids)
+        return torch.cat(ids)
+
+    def _decode_key(
+        self, key: str, rows: Tensor, source: Tensor, ids: Tensor, encodings: Tensor, packing: Packing
+    ) -> Tensor:
+        """One key's encoded visible rows (K, E) -> decoder tokens (N, E_d): `enc_to_dec`, un-mask
+        (masked position i takes mask token `ids[i]`, see `_mask_ids`), decoder `encodings` (N, E_d)
+        added, the key's decoder on sequences `packing`."""
+        mk = self.module_key[key]
+        table = torch.cat([self.mask_token[m].reshape(-1, self.dec_dim) for m in self.members[key]])
+        y = self.enc_to_dec[mk](rows)
+        full = self.ops.unmask_rows(y, source, table.to(y.dtype), ids)
+        full = full + encodings.to(full.dtype)
+        return self.decoder[mk](full, packing)
 
     def decode(
         self, batch: Batch, enc: dict[str, Tensor], sel: dict, shapes: dict, b: int
@@ -293,25 +320,24 @@ class MAESTRO(nn.Module):
         (each masked position gets its own mask token), decoder encodings, per-key decoder."""
         out = {}
         for key, rows in enc.items():
-            mk = self.module_key[key]
-            table, ids = self._mask_table(key, shapes, rows.device)
-            y = self.enc_to_dec[mk](rows)
-            full = self.ops.unmask_rows(y, sel[key].source, table.to(y.dtype), ids.repeat(b))
+            ids = self._mask_ids(key, shapes, rows.device).repeat(b)
             dec_enc = torch.cat(
                 [self.encodings(batch, m, shapes[m][1], decoder=True) for m in self.members[key]], 1
             )
-            full = full + dec_enc.flatten(0, 1).to(full.dtype)
-            length = full.shape[0] // b
+            length = dec_enc.shape[1]
             seq = self.seq_len(key, length)
-            out[key] = self.decoder[mk](full, Packing.dense(full.shape[0] // seq, seq, full.device)).view(
-                b, length, -1
-            )
+            packing = Packing.dense(b * length // seq, seq, rows.device)
+            full = self._decode_key(key, rows, sel[key].source, ids, dec_enc.flatten(0, 1), packing)
+            out[key] = full.view(b, length, -1)
         return out
 
     def forward(
         self, batch: Batch, mask: dict[str, Tensor] | None = None, generator: torch.Generator | None = None
     ) -> ModelOutput:
-        """Pretraining forward: masks drawn from `generator` (or the given `mask`), loss and outputs."""
+        """Pretraining forward: masks drawn from `generator` (or the given `mask`), loss and outputs.
+        A packed batch takes and returns masks {key: (ΣL_key,)} (see `forward_packed`)."""
+        if is_packed(batch):
+            return self.forward_packed(batch, mask, generator)
         xs, valids = self.prepare(batch)
         tokens = self.embed(batch, xs)
         seqs = self.to_sequences(tokens)
@@ -332,7 +358,96 @@ class MAESTRO(nn.Module):
         enc = self.encode_rows(rows, packs)
         counts = {m: t.shape[1] for m, t in tokens.items()}
         dec = self.from_sequences(self.decode(batch, enc, sel, shapes, b), counts)
-        return self.loss(dec, xs, valids, self.from_sequences(masks, counts), masks)
+        num_dates = {m: x.shape[1] for m, x in xs.items()}
+        return self.loss(dec, xs, valids, self.from_sequences(masks, counts), masks, num_dates)
+
+    # --- packed batches ---------------------------------------------------------------------------
+
+    def forward_packed(
+        self, batch: Batch, mask: dict[str, Tensor] | None, generator: torch.Generator | None
+    ) -> ModelOutput:
+        """`forward` on a packed batch: tokens in native order (`maestro.model.packed`) to packed
+        sequences, masks {key: (ΣL_key,)}, encoder, joint blocks and decoder on packed rows, back to
+        native order for the loss; the output also carries each key's `cu_seqlens`."""
+        xs, valids = self.prepare(batch)
+        tokens = self.embed(batch, xs)  # {MOD: (1, G·ΣT·L, E)}
+        lay = build_layout(batch, self.specs, self.members, self.per_image)
+        seqs = lay.to_packed(tokens, self.members)  # {key: (ΣL_key, E)}
+        device = next(iter(seqs.values())).device
+        if mask is None:
+            masks, visible = self.draw_packed_masks(lay, generator, device)
+        else:
+            masks, visible = self._check_packed_masks(mask, lay)
+        sel = {k: select_packed(masks[k], visible[k]) for k in seqs}
+        rows = {k: self.ops.gather_rows(x, sel[k].rows) for k, x in seqs.items()}
+        enc = self.encode_rows(rows, {k: v.packing for k, v in sel.items()})
+        dec_enc = {m: self.encodings(batch, m, xs[m].shape[1], decoder=True) for m in self.specs}
+        dec_enc = lay.to_packed(dec_enc, self.members)
+        dec = {
+            k: self._decode_key(k, r, sel[k].source, lay.group_ids[k], dec_enc[k], lay.packing[k])
+            for k, r in enc.items()
+        }
+        dec, token_masks = lay.to_native(dec, self.members), lay.to_native(masks, self.members)
+        num_dates = {m: s.num_dates for m, s in self.specs.items()}  # the registry's, as the reference
+        out = self.loss(dec, xs, valids, token_masks, masks, num_dates)
+        out.cu_seqlens = {k: p.cu_seqlens for k, p in lay.packing.items()}
+        return out
+
+    def draw_packed_masks(
+        self, lay: PackedLayout, generator: torch.Generator | None, device
+    ) -> tuple[dict[str, Tensor], dict[str, Packing]]:
+        """Random masks of a packed batch {key: (ΣL_key,)} with exactly `round(ratio·L)` masked tokens
+        per sequence (each sample's own ratio and length, never all of them), drawn on a layout
+        padded to the longest series; and the packing of the visible tokens."""
+        masks, visible = {}, {}
+        for key, members in self.members.items():
+            if self.per_image:
+                n = self.specs[key].tokens_per_date
+                k = min(masked_count(self.cfg.mask.ratio, n), n - 1)
+                images = sum(lay.images[key])
+                masks[key] = exact_mask(images, n, k, None, generator, device).flatten()
+                visible[key] = Packing.dense(images, n - k, device)
+                continue
+            counts = [
+                max(0, min(masked_count(group_mask_ratio(self.cfg, i), n), n - 1))
+                for i, n in zip(lay.images[key], lay.lengths[key])
+            ]
+            b = len(counts)
+            plan, ndates, held = [], [], []
+            for m in members:
+                s = self.specs[m]
+                g, t, n = len(s.groups), max(lay.dates[m], default=0), s.tokens_per_date
+                nd = torch.tensor(lay.dates[m], device=device)
+                plan.append((g, t, n, self.structure[m]))
+                ndates.append(nd)
+                has = torch.arange(t, device=device) < nd[:, None]  # (B, T) dates the sample holds
+                held.append(has[:, None, :, None].expand(b, g, t, n).flatten(1))
+            held = torch.cat(held, 1)
+            prop = propose(plan, b, generator, device, ndates, held)
+            k = torch.tensor(counts, device=device)
+            masks[key] = exact_mask(b, held.shape[1], k, prop, generator, device, held)[held]
+            visible[key] = Packing.from_list([n - k for n, k in zip(lay.lengths[key], counts)], device)
+        return masks, visible
+
+    def _check_packed_masks(
+        self, mask: dict[str, Tensor], lay: PackedLayout
+    ) -> tuple[dict[str, Tensor], dict[str, Packing]]:
+        if set(mask) != set(self.members):
+            raise ValueError(f"mask keys {sorted(mask)} must be the sequence keys {sorted(self.members)}")
+        masks, visible = {}, {}
+        for key, mk in mask.items():
+            total, cu = sum(lay.lengths[key]), lay.packing[key].cu_seqlens.long()
+            if tuple(mk.shape) != (total,):
+                raise ValueError(
+                    f"mask['{key}'] has shape {tuple(mk.shape)}; a packed batch takes ({total},) "
+                    f"(its sequences concatenated)"
+                )
+            masks[key] = mk.bool()
+            counts = F.pad((~masks[key]).cumsum(0), (1, 0)).index_select(0, cu).diff()
+            if bool(((counts == 0) & (cu.diff() > 0)).any()):
+                raise ValueError(f"mask['{key}'] masks a whole sequence; keep at least one token visible")
+            visible[key] = Packing.from_lengths(counts)
+        return masks, visible
 
     def loss(
         self,
@@ -341,8 +456,10 @@ class MAESTRO(nn.Module):
         valids: dict[str, Tensor],
         token_masks: dict[str, Tensor],
         masks: dict[str, Tensor],
+        num_dates: dict[str, int],
     ) -> ModelOutput:
-        """Pixelify each modality's decoder tokens and compute the weighted masked loss."""
+        """Pixelify each modality's decoder tokens and compute the masked loss, modalities weighted
+        by `num_dates · g²`."""
         sums, weights, patches = {}, {}, {}
         for m, d in dec.items():
             s = self.specs[m]
@@ -354,7 +471,7 @@ class MAESTRO(nn.Module):
             sums[m] = targets.modality_loss(
                 self.ops, patches[m], target, valid, tm, s.groups, self.norm_plans[m], self.loss_kind
             )
-            weights[m] = float(t * s.tokens_per_date)
+            weights[m] = float(num_dates[m] * s.tokens_per_date)
         total, per_mod = targets.combine(sums, weights)
         return ModelOutput(total, per_mod, xs, masks, valids, token_masks, patches, self.geometry)
 

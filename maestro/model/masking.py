@@ -32,19 +32,28 @@ class Structure:
 
 
 def _propose_one(
-    b: int, g: int, t: int, n: int, p: Structure, generator: torch.Generator | None, device: torch.device
+    b: int,
+    g: int,
+    t: int,
+    n: int,
+    p: Structure,
+    ndates: Tensor | None,
+    generator: torch.Generator | None,
+    device: torch.device,
 ) -> Tensor:
-    """(B, G·T·L) bool proposal for one modality, band group outer then date then position."""
+    """(B, G·T·L) bool proposal for one modality, band group outer then date then position.
+    `ndates` (B,): each sample's own date count (packed batches); date masks only where it is > 1."""
     prop = torch.zeros(b, g, t, n, dtype=torch.bool, device=device)
     shapes = (
-        (p.modality, (b, 1, 1, 1)),
-        (p.bands, (b, g, 1, 1)),
-        (p.dates, (b, 1, t, 1)),
-        (p.locations, (b, 1, 1, n)),
+        (p.modality, (b, 1, 1, 1), None),
+        (p.bands, (b, g, 1, 1), None),
+        (p.dates, (b, 1, t, 1), None if ndates is None else (ndates > 1).view(b, 1, 1, 1)),
+        (p.locations, (b, 1, 1, n), None),
     )
-    for prob, shape in shapes:
+    for prob, shape, allowed in shapes:
         if prob is not None:
-            prop = prop | (torch.rand(shape, generator=generator, device=device) < prob)
+            draw = torch.rand(shape, generator=generator, device=device) < prob
+            prop = prop | (draw if allowed is None else draw & allowed)
     return prop.flatten(1)
 
 
@@ -53,31 +62,53 @@ def propose(
     batch: int,
     generator: torch.Generator | None,
     device: torch.device,
+    ndates: list[Tensor] | None = None,
+    held: Tensor | None = None,
 ) -> Tensor:
     """Structural proposal (B, L_key) for a sequence made of `members` (G, T, L, Structure) in order.
 
+    Packed batches give each member's date counts per sample `ndates` [(B,)] and the positions a
+    sample holds `held` (B, L_key) of a layout padded to the longest series (T the longest).
     Samples whose proposal covers the whole sequence take a fresh draw, `REDRAWS` times at most;
     any left after that get no proposal (plain random masking)."""
+    nd = ndates or [None] * len(members)
 
     def draw() -> Tensor:
-        return torch.cat([_propose_one(batch, g, t, n, p, generator, device) for g, t, n, p in members], 1)
+        parts = [
+            _propose_one(batch, g, t, n, p, d, generator, device) for (g, t, n, p), d in zip(members, nd)
+        ]
+        return torch.cat(parts, 1)
+
+    def covered(prop: Tensor) -> Tensor:
+        return (prop if held is None else prop | ~held).all(1, keepdim=True)
 
     prop = draw()
     for _ in range(REDRAWS):
-        prop = torch.where(prop.all(1, keepdim=True), draw(), prop)
-    return prop & ~prop.all(1, keepdim=True)
+        prop = torch.where(covered(prop), draw(), prop)
+    return prop & ~covered(prop)
 
 
 def exact_mask(
-    num_seqs: int, length: int, k: int, proposal: Tensor | None, generator: torch.Generator | None, device
+    num_seqs: int,
+    length: int,
+    k: int | Tensor,
+    proposal: Tensor | None,
+    generator: torch.Generator | None,
+    device,
+    held: Tensor | None = None,
 ) -> Tensor:
-    """(S, L) bool with exactly `k` True per row: proposed tokens first, in random order among
-    themselves, then random others."""
+    """(S, L) bool with exactly `k` True per row (`k` (S,): a count per row): proposed tokens first,
+    in random order among themselves, then random others; positions outside `held` (S, L) never."""
     score = torch.rand(num_seqs, length, generator=generator, device=device)
     if proposal is not None:
         score = score - proposal.float()  # proposed tokens in [-1, 0), others in [0, 1)
-    idx = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
-    return torch.zeros(num_seqs, length, dtype=torch.bool, device=device).scatter(1, idx, True)
+    if isinstance(k, int):
+        idx = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
+        return torch.zeros(num_seqs, length, dtype=torch.bool, device=device).scatter(1, idx, True)
+    if held is not None:
+        score = score.masked_fill(~held, 2.0)  # positions a row does not hold rank last
+    rank = score.argsort(1).argsort(1)
+    return rank < k[:, None]
 
 
 @dataclass(frozen=True)
@@ -104,6 +135,17 @@ def select_visible(mask: Tensor, visible_per_seq: int | None) -> Selection:
     else:
         rows = torch.nonzero(~mask.flatten()).squeeze(1)
         packing = Packing.from_lengths((~mask).sum(1))
-    source = torch.full((s * length,), -1, dtype=torch.long, device=device)
-    source = source.index_copy(0, rows, torch.arange(rows.numel(), device=device))
-    return Selection(rows, packing, source)
+    return Selection(rows, packing, _source(rows, s * length))
+
+
+def select_packed(mask: Tensor, visible: Packing) -> Selection:
+    """Visible tokens of packed sequences: mask (N,) bool, True = masked; `visible` the packing of
+    the visible tokens (its lengths per sequence, known beforehand)."""
+    rows = torch.nonzero(~mask).squeeze(1)
+    return Selection(rows, visible, _source(rows, mask.numel()))
+
+
+def _source(rows: Tensor, n: int) -> Tensor:
+    """(n,) the index in `rows` of each position, −1 where not selected."""
+    source = torch.full((n,), -1, dtype=torch.long, device=rows.device)
+    return source.index_copy(0, rows, torch.arange(rows.numel(), device=rows.device))

@@ -51,6 +51,14 @@ class ModelOutput:
     the predicted patches, in the target space of `loss.target_norm`. `reconstructions` and
     `pixel_masks` {MOD: (B, T, C, H, W)} are built per modality on first access.
 
+    For a packed batch (`maestro.model.packed`) B is 1 and T is ΣT, the dates of all samples
+    concatenated as in the batch: `targets`, `valid`, `reconstructions` and `pixel_masks` are
+    `(1, ΣT, ...)` (sample i's dates at `MOD_cu_dates[i]:MOD_cu_dates[i+1]`), `token_masks` and `patches`
+    follow the native token order (band group, then all dates, then position); `masks` are flat
+    {key: (ΣL_key,)} with each key's sequences concatenated, their boundaries in
+    `cu_seqlens` {key: (S+1,) int32} (samples, or images in `monotemp`/`shared`). `cu_seqlens` is
+    None for padded batches.
+
     Also a read-only mapping of those names (`out["loss"]`, `**out`)."""
 
     loss: Tensor
@@ -61,6 +69,7 @@ class ModelOutput:
     token_masks: dict[str, Tensor]
     patches: dict[str, Tensor]
     geometry: dict[str, Geometry] = field(repr=False)
+    cu_seqlens: dict[str, Tensor] | None = None
     reconstructions: LazyImages = field(init=False, repr=False)
     pixel_masks: LazyImages = field(init=False, repr=False)
 
