@@ -41,7 +41,7 @@ from maestro.model.encodings import date_encoding, position_encoding, sincos_tab
 from maestro.model.masking import Structure, exact_mask, propose, select_packed, select_visible
 from maestro.model.ops import kernel_ops
 from maestro.model.output import Geometry, ModelOutput
-from maestro.model.packed import PackedLayout, build_layout, is_packed
+from maestro.model.packed import PackedLayout, build_layout, check_masks, is_packed
 from maestro.model.patch_embed import Patchify, Pixelify, to_patches
 from maestro.sizes import SIZES
 
@@ -377,7 +377,7 @@ class MAESTRO(nn.Module):
         if mask is None:
             masks, visible = self.draw_packed_masks(lay, generator, device)
         else:
-            masks, visible = self._check_packed_masks(mask, lay)
+            masks, visible = check_masks(mask, lay)
         sel = {k: select_packed(masks[k], visible[k]) for k in seqs}
         rows = {k: self.ops.gather_rows(x, sel[k].rows) for k, x in seqs.items()}
         enc = self.encode_rows(rows, {k: v.packing for k, v in sel.items()})
@@ -427,26 +427,6 @@ class MAESTRO(nn.Module):
             k = torch.tensor(counts, device=device)
             masks[key] = exact_mask(b, held.shape[1], k, prop, generator, device, held)[held]
             visible[key] = Packing.from_list([n - k for n, k in zip(lay.lengths[key], counts)], device)
-        return masks, visible
-
-    def _check_packed_masks(
-        self, mask: dict[str, Tensor], lay: PackedLayout
-    ) -> tuple[dict[str, Tensor], dict[str, Packing]]:
-        if set(mask) != set(self.members):
-            raise ValueError(f"mask keys {sorted(mask)} must be the sequence keys {sorted(self.members)}")
-        masks, visible = {}, {}
-        for key, mk in mask.items():
-            total, cu = sum(lay.lengths[key]), lay.packing[key].cu_seqlens.long()
-            if tuple(mk.shape) != (total,):
-                raise ValueError(
-                    f"mask['{key}'] has shape {tuple(mk.shape)}; a packed batch takes ({total},) "
-                    f"(its sequences concatenated)"
-                )
-            masks[key] = mk.bool()
-            counts = F.pad((~masks[key]).cumsum(0), (1, 0)).index_select(0, cu).diff()
-            if bool(((counts == 0) & (cu.diff() > 0)).any()):
-                raise ValueError(f"mask['{key}'] masks a whole sequence; keep at least one token visible")
-            visible[key] = Packing.from_lengths(counts)
         return masks, visible
 
     def loss(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from maestro.modalities import ModalitySpec
@@ -118,3 +119,24 @@ def build_layout(
         else:
             packing[key] = Packing.from_list(lengths[key], device)
     return PackedLayout(dates, inverse, rows, order, group_ids, lengths, images, packing)
+
+
+def check_masks(mask: dict[str, Tensor], lay: PackedLayout) -> tuple[dict[str, Tensor], dict[str, Packing]]:
+    """A given mask of a packed batch {key: (ΣL_key,)} checked (keys, shapes, no fully masked
+    sequence), and the packing of its visible tokens (one host sync)."""
+    if set(mask) != set(lay.lengths):
+        raise ValueError(f"mask keys {sorted(mask)} must be the sequence keys {sorted(lay.lengths)}")
+    masks, visible = {}, {}
+    for key, mk in mask.items():
+        total, cu = sum(lay.lengths[key]), lay.packing[key].cu_seqlens.long()
+        if tuple(mk.shape) != (total,):
+            raise ValueError(
+                f"mask['{key}'] has shape {tuple(mk.shape)}; a packed batch takes ({total},) "
+                f"(its sequences concatenated)"
+            )
+        masks[key] = mk.bool()
+        counts = F.pad((~masks[key]).cumsum(0), (1, 0)).index_select(0, cu).diff()
+        if bool(((counts == 0) & (cu.diff() > 0)).any()):
+            raise ValueError(f"mask['{key}'] masks a whole sequence; keep at least one token visible")
+        visible[key] = Packing.from_lengths(counts)
+    return masks, visible
