@@ -254,6 +254,7 @@ def preset(name: str) -> DatasetPreset:
     return PRESETS[name]()
 
 
-def crop_pixels(spec: ModalitySpec, crop_m: float) -> int:
-    """Loader crop side in pixels for a modality (before the in-model resize to image_size)."""
-    return round(crop_m / spec.resolution_m)
+def pixels(spec: ModalitySpec, metres: float) -> int:
+    """Pixels of a modality across `metres` of ground: a tile's or a loader crop's side (before the
+    in-model resize to image_size)."""
+    return round(metres / spec.resolution_m)

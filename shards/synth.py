@@ -53,7 +53,7 @@ def kind(spec: ModalitySpec) -> str:
 
 def source_size(spec: ModalitySpec, tile_m: float) -> int:
     """Side in pixels of a modality's stored tile (the aerial shift margin included)."""
-    return round(tile_m / spec.resolution_m) + 2 * spec.shift_px
+    return registry.pixels(spec, tile_m) + 2 * spec.shift_px
 
 
 def raw_channels(spec: ModalitySpec) -> int:

@@ -62,15 +62,21 @@ def s3_endpoint():
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield endpoint
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield endpoint
     server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+
+
+@pytest.fixture
+def clean_group_env(monkeypatch):
+    """No process-group variables (RANK, WORLD_SIZE, MASTER_* …) during the test and none left
+    after it: training code describes a one-rank group in os.environ when no launcher did."""
+    from maestro.parallel.dist import GROUP_VARIABLES
+
+    for k in GROUP_VARIABLES:
+        monkeypatch.delenv(k, raising=False)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 from maestro import config
 from maestro.errors import ConfigError
-from maestro.modalities import PRESETS, ModalitySpec, crop_pixels, preset, validate_modality
+from maestro.modalities import PRESETS, ModalitySpec, pixels, preset, validate_modality
 
 # (dataset, modality): (loader tensor (N, C, h, w), grid g, tokens, group, norm groups, norm_fac, log)
 REFERENCE = {
@@ -37,7 +37,7 @@ def test_preset_modality_matches_reference(dataset, mod):
     (n, c, h, _), grid, tokens, group, norm, fac, log = REFERENCE[(dataset, mod)]
     ds = preset(dataset)
     spec = validate_modality(mod, ds.modalities[mod], mod)
-    assert (spec.num_dates, spec.channels, crop_pixels(spec, ds.crop_m)) == (n, c, h)
+    assert (spec.num_dates, spec.channels, pixels(spec, ds.crop_m)) == (n, c, h)
     assert (spec.grid, spec.tokens, spec.group, spec.norm_groups) == (grid, tokens, group, norm)
     assert (spec.norm_fac, spec.log_scale) == (fac, log)
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 
 import pytest
 import torch
 
 from maestro import cli, config
-from maestro.parallel.dist import GROUP_VARIABLES
 from maestro.train import checkpoint
 from maestro.train.loop import Diverged, train
 
@@ -39,16 +37,7 @@ def archive(tmp_path_factory):
     return str(root / "train")
 
 
-@pytest.fixture(autouse=True)
-def restore_environment():
-    """`train` describes a one-rank group in os.environ when no launcher did; undo it per test."""
-    before = {k: os.environ.get(k) for k in GROUP_VARIABLES}
-    yield
-    for k, v in before.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("clean_group_env")
 
 
 def _cfg(archive, tmp_path, name, *extra):

@@ -15,7 +15,6 @@ from maestro.errors import CheckpointError
 from maestro.model.ema import EMA
 from maestro.parallel import dist
 from maestro.parallel.deepspeed import build_engine, local_shards, safe_load
-from maestro.parallel.dist import GROUP_VARIABLES
 from maestro.train import checkpoint, metrics, optim
 
 
@@ -41,17 +40,11 @@ class StandIn(nn.Module):
 
 
 @pytest.fixture
-def one_rank():
+def one_rank(clean_group_env):
     """A one-rank gloo group in this process; the group's variables are removed afterwards."""
-    before = {k: os.environ.get(k) for k in GROUP_VARIABLES}
     place = dist.init(use_gpu=False)
     yield place
     dist.shutdown()
-    for k, v in before.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_one_cycle_schedule_and_adamw_follow_the_reference():
