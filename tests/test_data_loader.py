@@ -284,15 +284,18 @@ def test_batches_held_by_the_consumer_are_never_overwritten(archive, workers):
         held.append(next(it))
         copies.append({k: v.clone() for k, v in held[-1].items() if isinstance(v, torch.Tensor)})
     view = held[0]["s2"][1:]  # a view alone keeps its batch's slot busy
-    del held[0]
-    ptrs = []
-    for _ in range(12):  # dropped at once: their slots come back
-        ptrs.append(next(it)["aerial"].data_ptr())
-    assert len(set(ptrs)) < len(ptrs)
-    assert torch.equal(view, copies[0]["s2"][1:])
-    for b, c in zip(held, copies[1:]):
+    kept, kept_copy = held[1], copies[1]  # so does a batch kept whole
+    for b, c in zip(held[1:], copies[1:]):  # nothing was overwritten while every slot was busy
         for k, v in c.items():
             assert torch.equal(b[k], v), k
+    del held, b
+    ptrs = []
+    for _ in range(12):  # the other slots are free again, and batches dropped at once give theirs back
+        ptrs.append(next(it)["aerial"].data_ptr())
+    assert len(set(ptrs)) < len(ptrs), "no slot was reused"
+    assert torch.equal(view, copies[0]["s2"][1:])
+    for k, v in kept_copy.items():
+        assert torch.equal(kept[k], v), k
 
 
 def test_arena_reuses_a_slot_only_after_its_batch_is_gone():
