@@ -100,6 +100,41 @@ def test_nonfinite_loss_names_step_and_modalities_and_keeps_last_checkpoint(arch
     assert summary["diverged"].startswith("non-finite loss at step 4")
 
 
+def test_packed_batches_train_and_count_the_samples_and_tokens_they_hold(tmp_path):
+    """`data.token_budget>0` end to end: every acquisition kept, samples of their own lengths
+    packed under the budget; throughput counts the samples and tokens actually trained."""
+    from maestro.data import build_loader
+    from shards.synth import write_synthetic
+
+    # Uncapped series (40-150 S2 and 60-120 S1 dates per sample) at one token per date.
+    write_synthetic(str(tmp_path / "a"), "treesatai_ts", 12, seed=3, sizes={"aerial": 34}, shard_samples=4)
+    cfg = _cfg(
+        str(tmp_path / "a" / "train"),
+        tmp_path,
+        "packed",
+        "data.inputs=[aerial,s2,s1_asc]",
+        "data.modalities.aerial={resolution_m: 2.0, image_size: 30, patch_size: 10}",
+        "data.modalities.s2={dates: all, patch_size: 6}",
+        "data.modalities.s1_asc={dates: all, patch_size: 6}",
+        "data.token_budget=600",
+        "data.workers=0",
+        "train.steps=3",
+        "train.log_every=3",
+        "train.grad_accum=2",
+    )
+    expected = []
+    for batch, _ in zip(build_loader(cfg, 0, 1, train=True), range(6)):
+        assert "cu_seqlens" in batch and batch["_padding_fraction"] < 1
+        expected.append((len(batch["_keys"]), int(batch["cu_seqlens"][-1])))
+    assert len({n for n, _ in expected}) > 1 or len({t for _, t in expected}) > 1  # batches vary
+    summary = train(cfg)
+    samples, tokens = sum(n for n, _ in expected), sum(t for _, t in expected)
+    assert summary["step"] == 3 and summary["samples"] == samples
+    sps, tps = (_scalars(tmp_path / "packed", f"perf/{k}_per_s")[3] for k in ("samples", "tokens"))
+    assert tps / sps == pytest.approx(tokens / samples, rel=1e-5)
+    assert all(torch.isfinite(torch.tensor(v)) for v in _scalars(tmp_path / "packed", "train/loss").values())
+
+
 def test_pretrain_fails_before_workers_start_on_missing_shards_or_bucket(tmp_path, s3_bucket, capsys):
     code = cli.main(["pretrain", "configs/demo.yaml", f"data.shards={tmp_path}/nowhere"])
     assert code == 2
@@ -116,5 +151,6 @@ def test_bench_step_compares_the_framework_step_with_a_plain_loop(archive, capsy
     assert rep["device"] == "cpu" and rep["precision"] == "fp32" and rep["steps"] == 2
     assert rep["samples_per_s"] > 0 and rep["plain_samples_per_s"] > 0
     assert rep["tokens_per_s"] == pytest.approx(rep["samples_per_s"] * 45)  # aerial 9 + s2 36 tokens
+    assert rep["batch_size"] == 2
     assert 0 < rep["mfu"] < 1 and 0 <= rep["data_wait_frac"] < 1
     assert 0 < rep["fraction_of_plain_end_to_end"] <= rep["fraction_of_plain"]

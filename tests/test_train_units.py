@@ -142,13 +142,17 @@ def test_interval_reduces_means_and_names_the_first_nonfinite_step(one_rank):
     iv = metrics.Interval(["loss", "s2"], one_rank.device)
     iv.add(1, [torch.tensor(2.0), torch.tensor(1.0)])
     iv.add(2, [torch.tensor(4.0), torch.tensor(3.0)])
+    iv.count(3, 120)
+    iv.count(2, 95)
     out = iv.reduce(skipped=5, stop=False)
     assert out["losses"] == {"loss": 3.0, "s2": 2.0}
     assert out["first_bad_step"] is None and out["skipped"] == 5 and not out["stop"]
+    assert (out["samples"], out["tokens"]) == (5, 215)
     iv.add(3, [torch.tensor(1.0), torch.tensor(1.0)])
     iv.add(4, [torch.tensor(float("nan")), torch.tensor(float("inf"))])
     iv.add(5, [torch.tensor(float("nan")), torch.tensor(1.0)])
     out = iv.reduce(skipped=0, stop=True)
+    assert (out["samples"], out["tokens"]) == (0, 0)  # counts start afresh each interval
     assert out["first_bad_step"] == 4 and out["nonfinite"] == ["loss", "s2"] and out["stop"]
 
 

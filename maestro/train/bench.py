@@ -76,7 +76,7 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
     from maestro.parallel import dist
     from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards
     from maestro.train import metrics, optim
-    from maestro.train.loop import Stepper, training_flops_per_sample
+    from maestro.train.loop import Stepper, batch_counts, training_flops_per_sample
 
     cfg = config.from_dict(
         {k: v for k, v in cfg.to_dict().items() if k != "derived"},
@@ -92,7 +92,9 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
         framework = Stepper(engine, ema, place.device, cfg.train.seed, 0)
         plain = PlainLoop(cfg, place.device, compute_dtype(engine))
         batches = iter(build_loader(cfg, 0, 1, train=True))
+        per_sample = tokens(cfg)["total"]
         fw_s = wait_s = plain_s = 0.0
+        samples = n_tokens = 0
         for step in range(warmup + steps):
             timed = step >= warmup
             t0 = time.perf_counter()
@@ -109,22 +111,25 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
                 took[side] = time.perf_counter() - t
             if timed:
                 wait_s, fw_s, plain_s = wait_s + wait, fw_s + wait + took[framework], plain_s + took[plain]
+                for b in micro:
+                    n, t = batch_counts(b, per_sample)
+                    samples, n_tokens = samples + n, n_tokens + t
         stage, bf16 = engine.zero_optimization_stage(), engine.bfloat16_enabled()
     finally:
         dist.shutdown()
-    samples = steps * cfg.data.batch_size * cfg.train.grad_accum
     sps, compute_sps, plain_sps = samples / fw_s, samples / (fw_s - wait_s), samples / plain_s
-    flops = training_flops_per_sample(cfg)
+    tps = n_tokens / fw_s
+    flops_per_token = training_flops_per_sample(cfg) / per_sample
     peak = metrics.peak_flops(place.device)
     return {
         "device": torch.cuda.get_device_name(place.device) if place.device.type == "cuda" else "cpu",
         "zero_stage": stage,
         "precision": "bf16" if bf16 else "fp32",
         "steps": steps,
-        "batch_size": cfg.data.batch_size * cfg.train.grad_accum,
+        "batch_size": samples / steps,  # mean samples per optimizer step (packed batches vary)
         "samples_per_s": sps,
-        "tokens_per_s": sps * tokens(cfg)["total"],
-        "mfu": sps * flops / peak if peak else None,
+        "tokens_per_s": tps,
+        "mfu": tps * flops_per_token / peak if peak else None,
         "peak_flops": peak,
         "data_wait_frac": wait_s / fw_s,
         "step_time_s": fw_s / steps,

@@ -126,6 +126,15 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def batch_counts(batch: dict[str, Any], tokens_per_sample: int) -> tuple[int, int]:
+    """Samples and tokens of a loader batch, from its host-side metadata: a packed batch counts
+    the tokens it holds (`cu_seqlens`), a padded one `tokens_per_sample` (`maestro info`) each."""
+    samples = len(batch["_keys"])
+    if "cu_seqlens" in batch:
+        return samples, int(batch["cu_seqlens"][-1])
+    return samples, samples * tokens_per_sample
+
+
 def training_flops_per_sample(cfg: Config) -> float:
     """Training FLOPs per sample: 3 × the forward FLOPs of `maestro info` (forward and backward)."""
     from maestro.model.flops import flops_per_sample
@@ -156,9 +165,10 @@ class Trainer:
         self.stepper = Stepper(self.engine, self.ema, place.device, cfg.train.seed, place.rank)
         self.names = ["loss", *cfg.derived.modalities]
         self.interval = metrics.Interval(self.names, place.device)
-        self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * place.world_size
         self.tokens_per_sample = tokens(cfg)["total"]
-        self.flops_per_sample = training_flops_per_sample(cfg)
+        # Packed batches hold a varying number of tokens: FLOPs are counted per token.
+        self.flops_per_token = training_flops_per_sample(cfg) / self.tokens_per_sample
+        self.samples_trained = 0  # by this process's run, all ranks (a resumed run counts from its start)
         self.peak = metrics.peak_flops(place.device) * place.world_size
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.board: metrics.Board | None = None
@@ -239,7 +249,8 @@ class Trainer:
 
     def log(self, step: int, reduced: dict, lr: float, seconds: float, steps: int, data_wait: float) -> None:
         losses = reduced["losses"]
-        sps = steps * self.global_batch / seconds
+        sps = reduced["samples"] / seconds
+        tps = reduced["tokens"] / seconds
         values = {"train/loss": losses["loss"]}
         values.update({f"train/loss/{m}": losses[m] for m in self.names[1:]})
         values["train/lr"] = lr
@@ -251,7 +262,7 @@ class Trainer:
         values.update(
             {
                 "perf/samples_per_s": sps,
-                "perf/tokens_per_s": sps * self.tokens_per_sample,
+                "perf/tokens_per_s": tps,
                 "perf/data_wait_frac": data_wait / seconds,
                 "perf/step_time_s": seconds / steps,
                 "mem/peak_gb": metrics.peak_memory_gb(self.place.device),
@@ -259,7 +270,7 @@ class Trainer:
             }
         )
         if self.peak:
-            values["perf/mfu"] = sps * self.flops_per_sample / self.peak
+            values["perf/mfu"] = tps * self.flops_per_token / self.peak
         assert self.board is not None
         self.board.scalars(step, values)
         console(metrics.progress_line(step, self.cfg.train.steps, losses["loss"], sps, seconds / steps))
@@ -284,6 +295,7 @@ class Trainer:
                 t = time.perf_counter()
                 micro.append(next(batches))
                 data_wait += time.perf_counter() - t
+                self.interval.count(*batch_counts(micro[-1], self.tokens_per_sample))
             lr = self.engine.get_lr()[0]  # a host float: the learning rate this step uses
             ahead = step + 1
             logs_next = ahead % c.log_every == 0 or ahead % c.checkpoint_every == 0 or ahead == c.steps
@@ -309,6 +321,7 @@ class Trainer:
                 )
             now = time.perf_counter()
             loss = reduced["losses"]["loss"]
+            self.samples_trained += reduced["samples"]
             if self.board is not None:
                 self.log(step, reduced, lr, now - last_time, step - last_log, data_wait)
             last_log, last_time, data_wait = step, now, 0.0
@@ -316,7 +329,14 @@ class Trainer:
             if save_due or stopped:
                 self.save(step)
         self.sync_board()
-        return {"step": step, "start_step": start, "loss": loss, "stopped": stopped, "run": self.url}
+        return {
+            "step": step,
+            "start_step": start,
+            "loss": loss,
+            "samples": self.samples_trained,
+            "stopped": stopped,
+            "run": self.url,
+        }
 
     def _last_checkpoint(self) -> str:
         latest = self.store.latest()

@@ -70,7 +70,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Interval:
-    """Per-step losses summed on the device between two log steps, plus divergence and stop flags."""
+    """Per-step losses summed on the device between two log steps, plus divergence and stop flags,
+    and the samples and tokens trained (host counts: packed batches vary in both)."""
 
     NO_STEP = 2**62
 
@@ -85,6 +86,12 @@ class Interval:
         self.bad = torch.zeros(n, dtype=torch.bool, device=self.device)
         self.first_bad = torch.full((), self.NO_STEP, dtype=torch.int64, device=self.device)
         self.steps = 0
+        self.samples = self.tokens = 0
+
+    def count(self, samples: int, tokens: int) -> None:
+        """Add one micro-batch's samples and (unpadded) tokens, known on the host from the loader."""
+        self.samples += samples
+        self.tokens += tokens
 
     def add(self, step: int, losses: list[torch.Tensor]) -> None:
         """Add one step's losses (scalars, in `names` order); no host synchronization."""
@@ -103,7 +110,11 @@ class Interval:
             [
                 self.sums,
                 self.bad.to(torch.float64),
-                torch.tensor([float(skipped)], dtype=torch.float64, device=self.device),
+                torch.tensor(
+                    [float(skipped), float(self.samples), float(self.tokens)],
+                    dtype=torch.float64,
+                    device=self.device,
+                ),
             ]
         )
         torch.distributed.all_reduce(total)
@@ -117,6 +128,8 @@ class Interval:
             "nonfinite": [k for i, k in enumerate(self.names) if total[n + i] > 0],
             "first_bad_step": None if lowest[0] == self.NO_STEP else int(lowest[0]),
             "skipped": int(total[2 * n]),
+            "samples": int(total[2 * n + 1]),  # all ranks
+            "tokens": int(total[2 * n + 2]),
             "stop": lowest[1] < 0,
         }
         self.reset()
