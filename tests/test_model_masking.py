@@ -46,7 +46,7 @@ def test_model_masks_follow_ratio_and_structure():
     cfg = config.from_dict({}, [*SMALL, "mask.modality=0.5", "mask.locations=null", "mask.dates=null"])
     model = build_model(cfg)
     shapes = {"aerial": (1, 1, 9), "s2": (1, 16, 9), "s1_asc": (1, 4, 9), "s1_des": (1, 4, 9)}
-    masks, visible = model.draw_masks(shapes, 64, torch.Generator().manual_seed(0), "cpu")
+    masks, visible = model.masking.draw(shapes, 64, torch.Generator().manual_seed(0), "cpu")
     assert visible == {"aerial": 9 - 7, "s2": 144 - 108, "s1": 72 - 54}
     for key, m in masks.items():
         assert ((~m).sum(1) == visible[key]).all()
@@ -58,9 +58,9 @@ def test_model_masks_follow_ratio_and_structure():
 def test_masks_are_reproducible_and_drawn_on_the_generator_device():
     model = build_model(config.from_dict({}, SMALL))
     shapes = {"aerial": (1, 1, 9), "s2": (1, 16, 9), "s1_asc": (1, 4, 9), "s1_des": (1, 4, 9)}
-    a, _ = model.draw_masks(shapes, 8, torch.Generator().manual_seed(5), "cpu")
-    b, _ = model.draw_masks(shapes, 8, torch.Generator().manual_seed(5), "cpu")
-    c, _ = model.draw_masks(shapes, 8, torch.Generator().manual_seed(6), "cpu")
+    a, _ = model.masking.draw(shapes, 8, torch.Generator().manual_seed(5), "cpu")
+    b, _ = model.masking.draw(shapes, 8, torch.Generator().manual_seed(5), "cpu")
+    c, _ = model.masking.draw(shapes, 8, torch.Generator().manual_seed(6), "cpu")
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
 
 

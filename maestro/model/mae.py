@@ -1,7 +1,7 @@
 """The MAESTRO masked autoencoder (maestro_reference.md §1–3), single-device.
 
 Read top to bottom: `prepare` (resize, invalid pixels zeroed), `embed` (patch embedding + position
-+ date), `to_sequences` (fusion: one token sequence per key), `draw_masks`, `encode_rows` (per-key
++ date), `to_sequences` (fusion: one token sequence per key), `masking` (`SequenceMasks`: draws or checks the masks), `encode_rows` (per-key
 encoders then the joint blocks), `decode` (un-mask with each position's own mask token, decoder),
 `loss`. Tokens of a modality are ordered band group, date, row-major position; a sequence key
 concatenates its modalities in input order.
@@ -24,7 +24,6 @@ packed rows without padding. Their loss weights modalities by the registry's `nu
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -33,16 +32,16 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from maestro.config import Config
-from maestro.info import group_mask_ratio, masked_count
 from maestro.model import targets
 from maestro.model.attention import Packing, check_backend
 from maestro.model.blocks import Transformer
 from maestro.model.encodings import date_encoding, position_encoding, sincos_table
-from maestro.model.masking import Structure, exact_mask, propose, select_packed, select_visible
+from maestro.model.masking import select_packed, select_visible
 from maestro.model.ops import kernel_ops
 from maestro.model.output import Geometry, ModelOutput
-from maestro.model.packed import PackedLayout, build_layout, check_masks, is_packed
+from maestro.model.packed import build_layout, check_masks, is_packed
 from maestro.model.patch_embed import Patchify, Pixelify, to_patches
+from maestro.model.sequence_masks import SequenceMasks
 from maestro.sizes import SIZES
 
 Batch = dict[str, Tensor]
@@ -112,28 +111,10 @@ class MAESTRO(nn.Module):
         for m, s in self.specs.items():
             self.register_buffer(f"pos_enc_{m}", position_encoding(enc_table, s.grid), persistent=False)
             self.register_buffer(f"pos_dec_{m}", position_encoding(dec_table, s.grid), persistent=False)
-        self.structure = self._structures(cfg)
+        self.masking = SequenceMasks(cfg, self.specs, self.members, self.per_image)
         self.geometry = {m: Geometry(tuple(s.groups), s.grid, s.patch_size) for m, s in self.specs.items()}
 
     # --- configuration helpers ------------------------------------------------------------------
-
-    def _structures(self, cfg: Config) -> dict[str, Structure]:
-        """Structural mask probabilities per modality (§2.1); dates apply only when T > 1."""
-        mk = cfg.mask
-        out = {}
-        for members in self.members.values():
-            for m in members:
-                if self.per_image:
-                    out[m] = Structure()
-                    continue
-                shares = self.fusion == "group" and len(members) > 1
-                out[m] = Structure(
-                    modality=mk.modality if shares else None,
-                    bands=mk.bands if len(self.specs[m].groups) > 1 else None,
-                    dates=mk.dates,
-                    locations=mk.locations,
-                )
-        return out
 
     def pos_enc(self, m: str, decoder: bool = False) -> Tensor:
         return getattr(self, f"pos_{'dec' if decoder else 'enc'}_{m}")
@@ -185,53 +166,6 @@ class MAESTRO(nn.Module):
             out[m] = tok + self.encodings(batch, m, x.shape[1], decoder=False).to(tok.dtype)
         return out
 
-    def seq_len(self, key: str, tokens: int) -> int:
-        """Length of one sequence of `key` whose sample holds `tokens` tokens."""
-        return self.specs[key].tokens_per_date if self.per_image else tokens
-
-    # --- masking ----------------------------------------------------------------------------------
-
-    def draw_masks(
-        self, shapes: dict[str, tuple[int, int, int]], batch: int, generator: torch.Generator | None, device
-    ) -> tuple[dict[str, Tensor], dict[str, int]]:
-        """Random masks {key: (B, L_key)} and the visible count per sequence of each key.
-        `shapes` gives (G, T, L) per modality as found in the batch."""
-        masks, visible = {}, {}
-        for key, members in self.members.items():
-            length = sum(g * t * n for g, t, n in (shapes[m] for m in members))
-            if self.per_image:
-                g, t, n = shapes[key]
-                k = min(masked_count(self.cfg.mask.ratio, n), n - 1)
-                masks[key] = exact_mask(batch * g * t, n, k, None, generator, device).view(batch, length)
-                visible[key] = n - k
-                continue
-            n = sum(shapes[m][0] * shapes[m][1] for m in members)
-            k = min(masked_count(group_mask_ratio(self.cfg, n), length), length - 1)
-            plan = []
-            for m in members:
-                g, t, n = shapes[m]
-                st = self.structure[m]
-                plan.append((g, t, n, st if t > 1 else dataclasses.replace(st, dates=None)))
-            prop = propose(plan, batch, generator, device)
-            masks[key] = exact_mask(batch, length, k, prop, generator, device)
-            visible[key] = length - k
-        return masks, visible
-
-    def _check_masks(self, mask: dict[str, Tensor], lengths: dict[str, int], batch: int) -> dict[str, Tensor]:
-        if set(mask) != set(self.members):
-            raise ValueError(f"mask keys {sorted(mask)} must be the sequence keys {sorted(self.members)}")
-        out = {}
-        for key, mk in mask.items():
-            if tuple(mk.shape) != (batch, lengths[key]):
-                raise ValueError(
-                    f"mask['{key}'] has shape {tuple(mk.shape)}; expected {(batch, lengths[key])}"
-                )
-            out[key] = mk.bool()
-            per_seq = out[key].view(-1, self.seq_len(key, lengths[key]))
-            if bool(per_seq.all(1).any()):
-                raise ValueError(f"mask['{key}'] masks a whole sequence; keep at least one token visible")
-        return out
-
     # --- encoder ----------------------------------------------------------------------------------
 
     def encode_rows(self, rows: dict[str, Tensor], packs: dict[str, Packing]) -> dict[str, Tensor]:
@@ -281,7 +215,7 @@ class MAESTRO(nn.Module):
         b = next(iter(seqs.values())).shape[0]
         rows, packs = {}, {}
         for k, x in seqs.items():
-            length = self.seq_len(k, x.shape[1])
+            length = self.masking.seq_len(k, x.shape[1])
             rows[k] = x.flatten(0, 1)
             packs[k] = Packing.dense(x.shape[0] * x.shape[1] // length, length, x.device)
         enc = self.encode_rows(rows, packs)
@@ -325,7 +259,7 @@ class MAESTRO(nn.Module):
                 [self.encodings(batch, m, shapes[m][1], decoder=True) for m in self.members[key]], 1
             )
             length = dec_enc.shape[1]
-            seq = self.seq_len(key, length)
+            seq = self.masking.seq_len(key, length)
             packing = Packing.dense(b * length // seq, seq, rows.device)
             full = self._decode_key(key, rows, sel[key].source, ids, dec_enc.flatten(0, 1), packing)
             out[key] = full.view(b, length, -1)
@@ -346,12 +280,12 @@ class MAESTRO(nn.Module):
         shapes = {m: (len(s.groups), xs[m].shape[1], s.tokens_per_date) for m, s in self.specs.items()}
         lengths = {k: v.shape[1] for k, v in seqs.items()}
         if mask is None:
-            masks, visible = self.draw_masks(shapes, b, generator, device)
+            masks, visible = self.masking.draw(shapes, b, generator, device)
         else:
-            masks, visible = self._check_masks(mask, lengths, b), dict.fromkeys(lengths)
+            masks, visible = self.masking.check(mask, lengths, b), dict.fromkeys(lengths)
         sel, rows, packs = {}, {}, {}
         for k, x in seqs.items():
-            seq = self.seq_len(k, lengths[k])
+            seq = self.masking.seq_len(k, lengths[k])
             sel[k] = select_visible(masks[k].view(-1, seq), visible[k])
             rows[k] = self.ops.gather_rows(x.flatten(0, 1), sel[k].rows)
             packs[k] = sel[k].packing
@@ -375,7 +309,7 @@ class MAESTRO(nn.Module):
         seqs = lay.to_packed(tokens, self.members)  # {key: (ΣL_key, E)}
         device = next(iter(seqs.values())).device
         if mask is None:
-            masks, visible = self.draw_packed_masks(lay, generator, device)
+            masks, visible = self.masking.draw_packed(lay, generator, device)
         else:
             masks, visible = check_masks(mask, lay)
         sel = {k: select_packed(masks[k], visible[k]) for k in seqs}
@@ -392,42 +326,6 @@ class MAESTRO(nn.Module):
         out = self.loss(dec, xs, valids, token_masks, masks, num_dates)
         out.cu_seqlens = {k: p.cu_seqlens for k, p in lay.packing.items()}
         return out
-
-    def draw_packed_masks(
-        self, lay: PackedLayout, generator: torch.Generator | None, device
-    ) -> tuple[dict[str, Tensor], dict[str, Packing]]:
-        """Random masks of a packed batch {key: (ΣL_key,)} with exactly `round(ratio·L)` masked tokens
-        per sequence (each sample's own ratio and length, never all of them), drawn on a layout
-        padded to the longest series; and the packing of the visible tokens."""
-        masks, visible = {}, {}
-        for key, members in self.members.items():
-            if self.per_image:
-                n = self.specs[key].tokens_per_date
-                k = min(masked_count(self.cfg.mask.ratio, n), n - 1)
-                images = sum(lay.images[key])
-                masks[key] = exact_mask(images, n, k, None, generator, device).flatten()
-                visible[key] = Packing.dense(images, n - k, device)
-                continue
-            counts = [
-                max(0, min(masked_count(group_mask_ratio(self.cfg, i), n), n - 1))
-                for i, n in zip(lay.images[key], lay.lengths[key])
-            ]
-            b = len(counts)
-            plan, ndates, held = [], [], []
-            for m in members:
-                s = self.specs[m]
-                g, t, n = len(s.groups), max(lay.dates[m], default=0), s.tokens_per_date
-                nd = torch.tensor(lay.dates[m], device=device)
-                plan.append((g, t, n, self.structure[m]))
-                ndates.append(nd)
-                has = torch.arange(t, device=device) < nd[:, None]  # (B, T) dates the sample holds
-                held.append(has[:, None, :, None].expand(b, g, t, n).flatten(1))
-            held = torch.cat(held, 1)
-            prop = propose(plan, b, generator, device, ndates, held)
-            k = torch.tensor(counts, device=device)
-            masks[key] = exact_mask(b, held.shape[1], k, prop, generator, device, held)[held]
-            visible[key] = Packing.from_list([n - k for n, k in zip(lay.lengths[key], counts)], device)
-        return masks, visible
 
     def loss(
         self,
