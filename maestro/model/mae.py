@@ -1,9 +1,10 @@
 """The MAESTRO masked autoencoder (maestro_reference.md §1–3), single-device.
 
 Read top to bottom: `prepare` (resize, invalid pixels zeroed), `embed` (patch embedding + position
-+ date), `to_sequences` (fusion: one token sequence per key), `masking` (`SequenceMasks`: draws or checks the masks), `encode_rows` (per-key
-encoders then the joint blocks), `decode` (un-mask with each position's own mask token, decoder),
-`loss`. Tokens of a modality are ordered band group, date, row-major position; a sequence key
++ date), `to_sequences` (fusion: one token sequence per key), masks (`SequenceMasks` draws or checks
+them), `encode_rows` (per-key encoders then the joint blocks), `decode` (un-mask with each
+position's own mask token, decoder), `loss`. Tokens of a modality are ordered band group, date,
+row-major position; a sequence key
 concatenates its modalities in input order.
 
 Sequence keys by `model.fusion` (also the keys of the masks, as `maestro.info.sequences`):
