@@ -4,8 +4,7 @@ Read top to bottom: `prepare` (resize, invalid pixels zeroed), `embed` (patch em
 + date), `to_sequences` (fusion: one token sequence per key), masks (`SequenceMasks` draws or checks
 them), `encode_rows` (per-key encoders then the joint blocks), `decode` (un-mask with each
 position's own mask token, decoder), `loss`. Tokens of a modality are ordered band group, date,
-row-major position; a sequence key
-concatenates its modalities in input order.
+row-major position; a sequence key concatenates its modalities in input order.
 
 Sequence keys by `model.fusion` (also the keys of the masks, as `maestro.info.sequences`):
 - `group`: one per fusion group (groups come from the registry, so YAML can regroup modalities);
