@@ -94,6 +94,38 @@ def test_epoch_reads_every_sample_once_across_two_ranks_and_two_workers(tmp_path
     assert len(set(seen[0]) | set(seen[1])) == 23
 
 
+def _epoch_keys(loader, n: int, epoch: int = 0) -> list[str]:
+    return [k for b in _take(loader, n) if b["_epoch"] == epoch for k in b["_keys"]]
+
+
+def test_resume_with_other_ranks_and_workers_sees_each_sample_of_the_epoch_once(tmp_path):
+    """Elastic restart: 2 ranks × 2 workers stop mid-epoch, 3 ranks × 1 worker go on, stop again,
+    and 1 rank × 2 workers finish the epoch: every sample exactly once, the next epoch whole."""
+    url = _archive(tmp_path, 23, 5)
+
+    def layout(world, workers, states, n):
+        loaders = [build_loader(_cfg(url, batch_size=1, workers=workers), r, world) for r in range(world)]
+        keys = []
+        for loader in loaders:
+            if states:
+                loader.resume(json.loads(json.dumps(states)))  # as stored: JSON-able
+            keys += _epoch_keys(loader, n)
+        return keys, [loader.state_dict() for loader in loaders]
+
+    first, two_ranks = layout(2, 2, None, 3)
+    second, states = layout(3, 0, two_ranks, 2)
+    assert len(first) == 6 and len(second) == 6
+    last = build_loader(_cfg(url, batch_size=1, workers=2))
+    last.resume(json.loads(json.dumps(states)))
+    batches = _take(last, 60)  # the rest of epoch 0, all of epoch 1 (workers run unevenly), some of 2
+    seen = first + second + [k for b in batches if b["_epoch"] == 0 for k in b["_keys"]]
+    assert len(seen) == len(set(seen)) == 23, sorted(seen)
+    after = [k for b in batches if b["_epoch"] == 1 for k in b["_keys"]]
+    assert len(after) == len(set(after)) == 23  # the next epoch is whole again
+    with pytest.raises(DataError, match="all 2 ranks"):
+        build_loader(_cfg(url, batch_size=1), 0, 1).resume([two_ranks[1]])
+
+
 def test_same_seed_same_batches_and_another_seed_differs(archive):
     a = _take(build_loader(_cfg(archive)), 5)
     b = _take(build_loader(_cfg(archive)), 5)

@@ -7,6 +7,11 @@ records, per worker, the stream position after its last batch. Restoring rotates
 that the one whose turn is next starts first, each from its recorded position: the restored
 stream yields exactly the batches the uninterrupted one would have (same ranks and workers).
 
+With other ranks or workers than the states were saved with (an elastic restart), `resume` takes
+the states of every old rank, works out which samples of the epochs under way they had consumed
+(`plan.consumed`), and starts the new readers there, passing over those samples: every sample of
+the epoch is still seen exactly once, though not in the order of either layout.
+
 The stream never ends: the training loop counts steps, so ranks with unequal shares of an epoch
 never wait on each other. `batch["_skipped"]` (an int, summed over this rank's workers) and
 `batch["_epoch"]` travel with every batch, so reading them costs no device synchronization.
@@ -14,21 +19,25 @@ never wait on each other. `batch["_skipped"]` (an int, summed over this rank's w
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from maestro.config import Config
 from maestro.data.arena import Arena, Receiver
-from maestro.data.plan import Plan, load_shards
+from maestro.data.plan import Plan, consumed, load_shards
 from maestro.data.prepare import Recipe
 from maestro.data.stream import Batching, ReaderStream
 from maestro.errors import ConfigError, DataError
 from shards import storage
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class _RankStreams(IterableDataset):
@@ -135,23 +144,79 @@ class Loader:
             "world_size": self.plan.world_size,
             "workers": self.plan.workers,
             "seed": self.plan.seed,
+            "shuffle_buffer": self.plan.shuffle_buffer,
+            "samples": self.plan.total,
             "batches": self._batches,
             "epoch": self.epoch,
             "positions": [list(p) for p in self._positions],
             "skipped": list(self._skipped),
+            # Samples an earlier layout consumed in epochs still under way (elastic restarts).
+            "excluded": {
+                str(e): base64.b64encode(zlib.compress(np.packbits(x).tobytes())).decode()
+                for e, x in self.plan.excluded.items()
+                if e >= min(p[0] for p in self._positions)
+            },
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _check(self, state: dict[str, Any], keys: tuple[str, ...]) -> None:
         mine = self.state_dict()
-        for key in ("version", "rank", "world_size", "workers", "seed"):
+        for key in keys:
             if state.get(key) != mine[key]:
                 raise DataError(
                     f"data stream state: '{key}' is {state.get(key)!r} but this loader has {mine[key]!r}; "
-                    f"a stream resumes exactly only with the same ranks, workers and seed"
+                    "a stream resumes only over the same shards with the same seed and shuffle buffer"
+                    + (", ranks and workers" if key in ("rank", "world_size", "workers") else "")
                 )
+
+    def _excluded(self, state: dict[str, Any]) -> dict[int, np.ndarray]:
+        n = self.plan.total
+        return {
+            int(e): np.unpackbits(
+                np.frombuffer(zlib.decompress(base64.b64decode(x)), np.uint8), count=n
+            ).astype(bool)
+            for e, x in state["excluded"].items()
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where a stream of the same rank, ranks and workers stood."""
+        self._check(state, ("version", "rank", "world_size", "workers", "seed", "shuffle_buffer", "samples"))
+        self.plan = dataclasses.replace(self.plan, excluded=self._excluded(state))
         self._batches, self.epoch = int(state["batches"]), int(state["epoch"])
         self._positions = [list(map(int, p)) for p in state["positions"]]
         self._skipped = [int(s) for s in state["skipped"]]
+
+    def resume(self, states: list[dict[str, Any]]) -> None:
+        """Continue from the states of every rank of a stream (`states[r]` of rank r): exactly where
+        this rank stood if the layout is this one, else re-split (see the module docstring)."""
+        first = states[0]
+        self._check(first, ("version", "seed", "shuffle_buffer", "samples"))
+        old_layout = (first["world_size"], first["workers"])
+        if old_layout == (self.plan.world_size, self.plan.workers):
+            self.load_state_dict(states[self.plan.rank])
+            return
+        if [s["rank"] for s in states] != list(range(first["world_size"])):
+            raise DataError(
+                f"data stream states of ranks {[s['rank'] for s in states]} given; "
+                f"re-splitting needs all {first['world_size']} ranks' states"
+            )
+        excluded = self._excluded(first)
+        low = min(p[0] for st in states for p in st["positions"])  # the epoch the slowest reader is in
+        taken: dict[int, np.ndarray] = {}
+        for st in states:
+            old = dataclasses.replace(
+                self.plan,
+                rank=st["rank"],
+                world_size=st["world_size"],
+                workers=st["workers"],
+                excluded=excluded,
+            )
+            for e, x in consumed(old, [list(map(int, p)) for p in st["positions"]], low).items():
+                taken[e] = taken[e] | x if e in taken else x
+        self.plan = dataclasses.replace(self.plan, excluded=taken)  # an epoch all consumed is passed over
+        self.epoch, self._batches = low, 0
+        self._positions = [[low, 0, 0] for _ in range(self.plan.workers)]
+        lost = sum(sum(st["skipped"]) for st in states)  # all ranks' skipped count, kept on rank 0
+        self._skipped = [lost if self.plan.rank == 0 and w == 0 else 0 for w in range(self.plan.workers)]
 
 
 def build_loader(cfg: Config, rank: int = 0, world_size: int = 1, train: bool = True) -> Loader:

@@ -9,12 +9,17 @@ computed up front, without I/O, from `(seed, epoch, rank, worker)`:
   belongs to part `i mod k`), so every reader has work and every sample still has one reader;
 - a reader's samples, in file order, pass a shuffle buffer of `shuffle_buffer` slots; the
   buffer's emission order is simulated on indices, so a stream can resume at any emitted position.
+
+After a change of ranks or workers mid-epoch (an elastic restart), `excluded` holds, for each
+epoch still under way, the samples the previous layout had already consumed (`consumed`): the new
+readers deal out that epoch as usual and pass over them, so no sample of the epoch is seen twice
+or left out.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -76,10 +81,20 @@ class Plan:
     workers: int  # readers per rank (data-loader workers, at least 1)
     shuffle: bool
     shuffle_buffer: int
+    excluded: dict[int, np.ndarray] = field(default_factory=dict)  # epoch -> (N,) bool, by sample id
 
     @property
     def readers(self) -> int:
         return self.world_size * self.workers
+
+    @property
+    def total(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def sample_ids(self, shards: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Global ids (shard after shard, in manifest order) of samples `index` of `shards`."""
+        first = np.cumsum([0, *(s.samples for s in self.shards)])
+        return first[shards] + index
 
     def units(self, epoch: int, worker: int) -> list[Unit]:
         order = np.arange(len(self.shards))
@@ -96,9 +111,32 @@ class Plan:
         read_index = np.concatenate(
             [np.arange(u.offset, self.shards[u.shard].samples, u.stride) for u in units] or [np.zeros(0, int)]
         ).astype(np.int64)
+        if epoch in self.excluded:
+            shard_of = np.array([u.shard for u in units], dtype=np.int64)[read_unit]
+            keep = ~self.excluded[epoch][self.sample_ids(shard_of, read_index)]
+            read_unit, read_index = read_unit[keep], read_index[keep]
         slots = self.shuffle_buffer if self.shuffle else 0
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
         return EpochOrder(units, read_unit, read_index, buffer_order(len(read_unit), slots, rng))
+
+
+def consumed(plan: Plan, positions: list[list[int]], low: int) -> dict[int, np.ndarray]:
+    """Samples the readers of `plan` (one rank, `positions[w] = [epoch, p, sub]` per worker) have
+    consumed in each epoch from `low` on: {epoch: (N,) bool by sample id}, with `plan.excluded`.
+
+    Reader w has consumed its whole share of epochs before its own, and the first `p` emissions of
+    its own (a sample of several items counts once begun). Shares of later epochs are untouched.
+    """
+    high = max(e for e, _, _ in positions)
+    out = {e: plan.excluded.get(e, np.zeros(plan.total, bool)).copy() for e in range(low, high + 1)}
+    for w, (e, p, sub) in enumerate(positions):
+        for epoch in range(low, e + 1):
+            order = plan.epoch_order(epoch, w)
+            taken = order.emission if epoch < e else order.emission[: p + (1 if sub else 0)]
+            shard_of = np.array([u.shard for u in order.units], dtype=np.int64)
+            ids = plan.sample_ids(shard_of[order.read_unit[taken]], order.read_index[taken])
+            out[epoch][ids] = True
+    return out
 
 
 def load_shards(url: str) -> tuple[dict, list[Shard]]:

@@ -131,7 +131,7 @@ class ReaderStream:
                     produced = True
                     after = [epoch, p + 1, 0] if sub + 1 == len(got) else [epoch, p, sub + 1]
                     yield got[sub], after, self.skipped
-            if not produced and p0 == 0:
+            if not produced and p0 == 0 and len(order.emission):  # (an epoch can be all excluded)
                 raise DataError(
                     f"reader {plan.rank}/{self.worker}: no readable sample in epoch {epoch} "
                     f"({len(order.emission)} planned, {self.skipped} skipped so far); the shards are unusable"
