@@ -75,7 +75,12 @@ def test_stopped_run_resumes_exactly_where_it_stopped(archive, tmp_path):
         assert sorted(b) == [1, 2, 3, 4]
         assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)
     assert store.complete_steps() == [2, 3, 4]
-    assert json.loads(store.read(4, "state.json")) == {"step": 4, "world_size": 1, "zero_stage": 0}
+    assert json.loads(store.read(4, "state.json")) == {
+        "step": 4,
+        "world_size": 1,
+        "zero_stage": 0,
+        "steps": 4,
+    }
     assert "package" in json.loads(store.read(4, "version.json"))
     assert store.read(4, "config.yaml").decode() == config.dump(cut)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import signal
 import sys
 
@@ -125,10 +126,34 @@ def test_two_workers_train_with_zero_stage_and_loss_falls(
     assert per_rank <= files, files
     for name in sorted(f for f in files if f.endswith(".pt")):  # every file loads weights-only
         safe_load(str(tmp_path / "zero" / checkpoint.tag(8) / name), "cpu")
-    if stage == 1:  # ZeRO partitions of 2 ranks do not load into 1: said before any loading
-        one = _cfg(archive, str(tmp_path), "zero", "train.zero_stage=1", "train.steps=10", "run.workers=1")
-        with pytest.raises(CheckpointError, match="written by 2 workers with ZeRO stage 1, this run has 1"):
-            train(one)
+    # Elastic restart: the run resumes with one worker from its step-4 checkpoint, in the universal
+    # form (ZeRO stage kept; the EMA's ZeRO-3 partitions re-split), schedule and loss continuing.
+    shutil.rmtree(tmp_path / "zero" / checkpoint.tag(8))
+    shutil.rmtree(tmp_path / "zero" / "tensorboard")  # what follows is the resumed run's alone
+    one = _cfg(archive, str(tmp_path), "zero", f"train.zero_stage={stage}", "train.steps=8", "run.workers=1",
+               "train.checkpoint_every=4", "train.image_every=100")  # fmt: skip
+    resumed = train(one)
+    assert resumed["start_step"] == 4 and resumed["step"] == 8
+    assert store.complete_steps() == [4, 8]
+    assert os.path.exists(tmp_path / "zero" / checkpoint.tag(4) / checkpoint.UNIVERSAL / checkpoint.MARKER)
+    ev = _events(summary["run"], tmp_path / "after")
+    assert sorted(ev["train/loss"]) == [6, 8] and ev["train/loss"][8] < loss[2] * 0.9
+    assert ev["train/lr"][8] == pytest.approx(_schedule(cfg)[8])  # the run's own schedule goes on
+    with pytest.raises(CheckpointError, match="train.steps=8"):
+        train(_cfg(archive, str(tmp_path), "zero", "train.steps=12", "run.workers=1"))
+
+
+def _schedule(cfg) -> dict[int, float]:
+    """The learning rate of each step under the run's one-cycle schedule, from step 1."""
+    model = torch.nn.Linear(1, 1)
+    opt = optim.build_optimizer(cfg, model)
+    sched = optim.build_schedule(cfg, opt)
+    out = {}
+    for step in range(1, cfg.train.steps + 1):
+        out[step] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    return out
 
 
 class KillOnce:
@@ -179,14 +204,5 @@ def test_stopped_run_resumes_by_name_with_shards_and_checkpoints_on_s3(ray_local
     ev = _events(second["run"], tmp_path)
     assert sorted(ev["train/loss"]) == [2, 4, 6, 8, 10]
     # The learning rate continues the one-cycle schedule instead of restarting it.
-    model = torch.nn.Linear(1, 1)
-    opt = optim.build_optimizer(cfg, model)
-    sched = optim.build_schedule(cfg, opt)
-    expected = {}
-    for step in range(1, 11):
-        expected[step] = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-    assert {s: ev["train/lr"][s] for s in ev["train/lr"]} == pytest.approx(
-        {s: expected[s] for s in ev["train/lr"]}
-    )
+    expected = _schedule(cfg)
+    assert ev["train/lr"] == pytest.approx({s: expected[s] for s in ev["train/lr"]})

@@ -5,12 +5,20 @@ world size actually running. The optimizer and schedule are client torch objects
 (`maestro.train.optim`): DeepSpeed's own config optimizers would JIT-build fused ops on CPU.
 Checkpoints are read back with `torch.load(weights_only=True)` (`safe_load`): a checkpoint in shared
 storage is never trusted to run code.
+
+Resuming at another world size (an elastic restart) goes through DeepSpeed's universal checkpoints:
+`to_universal` converts a ZeRO checkpoint once, and an engine built with `load_universal=True`
+loads it into its own partitioning. DeepSpeed's converter and universal loader call `torch.load`
+with `weights_only=False`; both run under `weights_only_loads`, which makes every load weights-only.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import pickle
+from collections.abc import Iterator
 from typing import Any
 
 import deepspeed
@@ -28,20 +36,31 @@ def build_engine(
     schedule: Any,
     world_size: int,
     use_gpu: bool,
+    stage: int | None = None,
+    load_universal: bool = False,
 ) -> deepspeed.DeepSpeedEngine:
-    """Wrap `model` (ZeRO stage, precision, clipping and accumulation from `cfg`; stage 0 on one rank)."""
+    """Wrap `model` (ZeRO stage, precision, clipping and accumulation from `cfg`).
+
+    `stage`: the ZeRO stage; by default `train.zero_stage`, or 0 on one rank, which has nothing
+    to partition (stages 1–3 would only add copies of every gradient). A resumed run keeps the stage
+    it started with. `load_universal`: the engine will load a universal checkpoint (`to_universal`).
+    """
     ds_config = config.deepspeed_config(cfg, world_size, use_gpu)
-    if world_size == 1:
-        # One rank has nothing to partition: stages 1–3 would only add copies of every gradient.
-        ds_config["zero_optimization"] = {"stage": 0}
+    if stage is None:
+        stage = 0 if world_size == 1 else cfg.train.zero_stage
+    if stage != ds_config["zero_optimization"]["stage"]:
+        ds_config["zero_optimization"] = {"stage": stage}
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     wrapped = DictOutputs(model)
     if ds_config["zero_optimization"]["stage"] == 3:
         register_leaf_parameters(wrapped)
     engine, _, _, _ = deepspeed.initialize(
         model=wrapped, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
-    if world_size == 1:
+    if world_size == 1 and stage == 0:
         engine.enable_backward_allreduce = False  # an all-reduce over one rank is the identity
+        # (ZeRO 1-3 gather their partitioned gradients on this path: it stays on for them)
     # Every file DeepSpeed reads back (model states, optimizer partitions) goes through this call.
     engine.checkpoint_engine.load = safe_load
     return engine
@@ -68,6 +87,65 @@ def safe_load(path: str, map_location: Any = None) -> Any:
             f"{path}: refused to load ({reason}); maestro loads checkpoints weights-only and never "
             "runs code from them. Delete this checkpoint folder to resume from the one before it."
         ) from e
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Within the block, every `torch.load` in this process is `safe_load` (weights-only with the
+    DeepSpeed allowlist), whatever its caller asks for."""
+    real = torch.load
+
+    def load(f: Any, map_location: Any = None, **kwargs: Any) -> Any:
+        kwargs.pop("weights_only", None)
+        try:
+            with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
+                return real(f, map_location=map_location, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{f}: refused to load ({str(e)[:200]}); checkpoints load weights-only"
+            ) from e
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+# What DeepSpeed's universal converter writes in each checkpoint's `universal_checkpoint_info`
+# (ZeRO 1/2 conversions assert that the key exists; plain models have nothing else to declare).
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+
+
+def to_universal(src: str, dst: str) -> None:
+    """Convert the ZeRO checkpoint folder `src` (one tag) into a universal checkpoint folder `dst`,
+    in this process (no worker pool), every file read weights-only."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=src,
+        output_folder=dst,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    with weights_only_loads(), contextlib.redirect_stdout(None):
+        ds_to_universal.main(args)
+
+
+def reshard_zero3(parts: list[list[torch.Tensor]], module: torch.nn.Module, rank: int) -> list[torch.Tensor]:
+    """This rank's ZeRO-3 partitions of per-parameter tensors saved as partitions by `len(parts)`
+    ranks (`parts[r][i]`: rank r's part of parameter i): joined, cut to the parameter's size and
+    split again the way this run's ZeRO-3 partitions its parameters."""
+    out = []
+    for i, p in enumerate(module.parameters()):
+        whole = torch.cat([rank_parts[i].flatten() for rank_parts in parts])[: p.ds_numel]
+        size = p.ds_tensor.numel()
+        mine = whole[rank * size : (rank + 1) * size]
+        out.append(torch.cat([mine, mine.new_zeros(size - mine.numel())]))
+    return out
 
 
 class DictOutputs(torch.nn.Module):

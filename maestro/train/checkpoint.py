@@ -9,10 +9,15 @@ then keeps the newest `keep` complete checkpoints and deletes everything else.
 
 On S3 each rank stages its part in a local temporary folder and uploads it; loading downloads
 only the files the rank needs (the shared ones and its own partitions).
+
+A run resumed with another number of workers loads the universal form of the checkpoint,
+`checkpoint_STEP/universal/`, which rank 0 converts once (`make_universal`) and marks complete the
+same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -32,6 +37,7 @@ from maestro.errors import CheckpointError
 
 MARKER = "COMPLETE"
 PREFIX = "checkpoint_"
+UNIVERSAL = "universal"  # subfolder of a checkpoint: its universal form, once converted
 _OWNED = re.compile(r"(?:zero_pp_rank_|^rank)(\d+)_")  # files that belong to one rank
 
 
@@ -120,7 +126,9 @@ class CheckpointStore:
 
         name = tag(step)
         staging = self.root if self.local else tempfile.mkdtemp(prefix=f"maestro-{name}-")
-        engine.save_checkpoint(staging, tag=name, save_latest=False)
+        from maestro.parallel.deepspeed import UNIVERSAL_INFO
+
+        engine.save_checkpoint(staging, tag=name, client_state=UNIVERSAL_INFO, save_latest=False)
         own = dict(files)
         if rank == 0:
             own.update(run_files or {})
@@ -151,21 +159,29 @@ class CheckpointStore:
                 f"delete {self.url}/{tag(step)} to resume from the one before"
             ) from e
 
-    def load(self, step: int, engine: Any, rank: int) -> None:
-        """Load the engine state of checkpoint `step` on this rank (every rank calls this)."""
+    def load(self, step: int, engine: Any, rank: int, universal: bool = False) -> None:
+        """Load the engine state of checkpoint `step` on this rank (every rank calls this);
+        `universal`: its universal form (`make_universal` first), into an engine built for it."""
+        from maestro.parallel.deepspeed import weights_only_loads
+
         name = tag(step)
+        source = f"{self._dir(step)}/{UNIVERSAL}" if universal else self._dir(step)
         if self.local:
-            parent, cleanup = self.root, None
+            parent, cleanup = source if universal else self.root, None
         else:
             parent = cleanup = tempfile.mkdtemp(prefix=f"maestro-{name}-")
-            os.makedirs(f"{parent}/{name}")
-            for path in self.fs.ls(self._dir(step), detail=False):
-                fname = path.rstrip("/").split("/")[-1]
-                owner = _OWNED.search(fname)
-                if owner is None or int(owner.group(1)) == rank:
-                    self.fs.get(path, f"{parent}/{name}/{fname}")
+            if universal:
+                self.fs.get(f"{source}/{name}/", f"{parent}/{name}/", recursive=True)
+            else:
+                os.makedirs(f"{parent}/{name}")
+                for path in self.fs.ls(source, detail=False):
+                    fname = path.rstrip("/").split("/")[-1]
+                    owner = _OWNED.search(fname)
+                    if fname != UNIVERSAL and (owner is None or int(owner.group(1)) == rank):
+                        self.fs.get(path, f"{parent}/{name}/{fname}")
         try:
-            loaded, _ = engine.load_checkpoint(parent, tag=name, load_module_strict=True)
+            with weights_only_loads() if universal else contextlib.nullcontext():
+                loaded, _ = engine.load_checkpoint(parent, tag=name, load_module_strict=True)
         finally:
             if cleanup:
                 shutil.rmtree(cleanup, ignore_errors=True)
@@ -174,3 +190,35 @@ class CheckpointStore:
                 f"DeepSpeed found no engine state in {self.url}/{name}; delete that folder to resume "
                 "from the checkpoint before it"
             )
+
+    def make_universal(self, step: int) -> None:
+        """Convert checkpoint `step` to its universal form, unless done already (rank 0 only)."""
+        from maestro.parallel.deepspeed import to_universal
+
+        name = tag(step)
+        target = f"{self._dir(step)}/{UNIVERSAL}"
+        if self.fs.exists(f"{target}/{MARKER}"):
+            return
+        if self.fs.exists(target):  # a conversion cut short
+            self.fs.rm(target, recursive=True)
+        work = tempfile.mkdtemp(prefix=f"maestro-{name}-universal-")
+        try:
+            if self.local:
+                src = self._dir(step)
+            else:
+                src = f"{work}/{name}"
+                os.makedirs(src)
+                for path in self.fs.ls(self._dir(step), detail=False):
+                    if path.rstrip("/").split("/")[-1] != UNIVERSAL:
+                        self.fs.get(path, f"{src}/")
+            try:
+                to_universal(src, f"{work}/{UNIVERSAL}/{name}")
+            except Exception as e:
+                raise CheckpointError(
+                    f"{self.url}/{name}: converting it for a different number of workers failed "
+                    f"({e.__class__.__name__}: {e}); resume with the workers it was written by"
+                ) from e
+            self.fs.put(f"{work}/{UNIVERSAL}/{name}/", f"{target}/{name}/", recursive=True)
+            self.fs.pipe_file(f"{target}/{MARKER}", json.dumps({"step": step, "time": time.time()}).encode())
+        finally:
+            shutil.rmtree(work, ignore_errors=True)

@@ -32,7 +32,7 @@ from maestro.config import Config
 from maestro.errors import CheckpointError, MaestroError
 from maestro.model.ema import EMA
 from maestro.parallel import dist
-from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards
+from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards, reshard_zero3
 from maestro.train import checkpoint, metrics, optim
 
 STOP_FILE = "STOP"
@@ -152,16 +152,24 @@ class Trainer:
 
         self.cfg, self.place, self.on_step = cfg, place, on_step
         self.url = run_url(cfg)
+        self.store = checkpoint.CheckpointStore(self.url, cfg.train.keep_checkpoints)
+        self.resume_from, stage, self.universal = self._resume_plan()
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
         optimizer = optim.build_optimizer(cfg, model)
         schedule = optim.build_schedule(cfg, optimizer)
         self.engine = build_engine(
-            cfg, model, optimizer, schedule, place.world_size, place.device.type == "cuda"
+            cfg,
+            model,
+            optimizer,
+            schedule,
+            place.world_size,
+            place.device.type == "cuda",
+            stage,
+            self.universal,
         )
         self.ema = EMA(local_shards(self.engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
         self.loader = build_loader(cfg, place.rank, place.world_size, train=True)
-        self.store = checkpoint.CheckpointStore(self.url, cfg.train.keep_checkpoints)
         self.stepper = Stepper(self.engine, self.ema, place.device, cfg.train.seed, place.rank)
         self.names = ["loss", *cfg.derived.modalities]
         self.interval = metrics.Interval(self.names, place.device)
@@ -195,6 +203,7 @@ class Trainer:
                     "step": step,
                     "world_size": self.place.world_size,
                     "zero_stage": self.engine.zero_optimization_stage(),
+                    "steps": self.cfg.train.steps,
                 }
             ).encode(),
             "config.yaml": config.dump(self.cfg).encode(),
@@ -206,29 +215,68 @@ class Trainer:
         self.store.save(step, self.engine, r, files, run_files)
         self.sync_board()
 
+    def _resume_plan(self) -> tuple[tuple[int, dict] | None, int | None, bool]:
+        """The newest complete checkpoint (step, its state.json) or None; the ZeRO stage to build the
+        engine with (a resumed run keeps the one it started with); whether to load its universal form
+        (written by another number of workers: rank 0 converts it here, once)."""
+        found: list[Any] = [None]
+        if self.place.is_main:
+            step = self.store.latest()
+            found = [None if step is None else (step, json.loads(self.store.read(step, "state.json")))]
+        torch.distributed.broadcast_object_list(found, src=0)
+        if found[0] is None:
+            return None, None, False
+        step, state = found[0]
+        if state["steps"] != self.cfg.train.steps:
+            raise CheckpointError(
+                f"{self.url} was started for {state['steps']} steps and its one-cycle schedule runs to "
+                f"that step; resume it with train.steps={state['steps']}, or train longer under a new run.name"
+            )
+        stage, universal = state["zero_stage"], state["world_size"] != self.place.world_size
+        universal = universal and stage > 0  # stage 0 holds whole optimizer state: it loads anywhere
+        if universal:
+            if self.place.is_main:
+                console(
+                    f"{self.url}/{checkpoint.tag(step)} was written by {state['world_size']} workers, this run "
+                    f"has {self.place.world_size}: loading its universal form (ZeRO stage {stage} kept)"
+                )
+                self.store.make_universal(step)
+            dist.barrier()
+        return (step, state), stage, universal
+
+    def _data_states(self, step: int, state: dict) -> None:
+        own = checkpoint.decode(self.store.read(step, f"rank{self.place.rank}_data.pt"))
+        if (own["world_size"], own["workers"]) == (self.place.world_size, self.loader.plan.workers):
+            self.loader.load_state_dict(own)
+            return
+        states = [
+            checkpoint.decode(self.store.read(step, f"rank{r}_data.pt")) for r in range(state["world_size"])
+        ]
+        self.loader.resume(states)
+
+    def _ema_state(self, step: int, state: dict) -> None:
+        assert self.ema is not None
+        if state["zero_stage"] < 3:
+            self.ema.load_state_dict(checkpoint.decode(self.store.read(step, "ema.pt")))
+        elif state["world_size"] == self.place.world_size:
+            self.ema.load_state_dict(checkpoint.decode(self.store.read(step, self._ema_name())))
+        else:  # ZeRO-3 partitions of another world size
+            parts = [
+                checkpoint.decode(self.store.read(step, f"rank{r}_ema.pt"))["shadow"]
+                for r in range(state["world_size"])
+            ]
+            shadow = reshard_zero3(parts, self.engine.module, self.place.rank)
+            self.ema.load_state_dict({"momentum": self.ema.momentum, "shadow": shadow})
+
     def restore(self) -> int:
         """Load the newest complete checkpoint, if any; return its step (0 for a fresh run)."""
-        found = [self.store.latest() if self.place.is_main else None]
-        torch.distributed.broadcast_object_list(found, src=0)
-        step = found[0]
-        if step is None:
+        if self.resume_from is None:
             return 0
-        state = json.loads(self.store.read(step, "state.json"))
-        stage = self.engine.zero_optimization_stage()
-        if (state["world_size"], state["zero_stage"]) != (self.place.world_size, stage):
-            raise CheckpointError(
-                f"{self.url}/{checkpoint.tag(step)} was written by {state['world_size']} workers with ZeRO "
-                f"stage {state['zero_stage']}, this run has {self.place.world_size} with stage {stage} (one "
-                "worker runs stage 0): ZeRO state loads only into the same layout. Rerun with "
-                f"run.workers={state['world_size']}, or convert it with "
-                "`python -m deepspeed.checkpoint.ds_to_universal` and start a new run from it"
-            )
-        self.store.load(step, self.engine, self.place.rank)
-        self.loader.load_state_dict(
-            checkpoint.decode(self.store.read(step, f"rank{self.place.rank}_data.pt"))
-        )
+        step, state = self.resume_from
+        self.store.load(step, self.engine, self.place.rank, self.universal)
+        self._data_states(step, state)
         if self.ema is not None:
-            self.ema.load_state_dict(checkpoint.decode(self.store.read(step, self._ema_name())))
+            self._ema_state(step, state)
         if self.place.is_main:
             console(f"resumed from {self.url}/{checkpoint.tag(step)} (step {step})")
         return step
