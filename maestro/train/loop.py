@@ -227,7 +227,7 @@ class Trainer:
         if found[0] is None:
             return None, None, False
         step, state = found[0]
-        if state["steps"] != self.cfg.train.steps:
+        if state.get("steps", self.cfg.train.steps) != self.cfg.train.steps:
             raise CheckpointError(
                 f"{self.url} was started for {state['steps']} steps and its one-cycle schedule runs to "
                 f"that step; resume it with train.steps={state['steps']}, or train longer under a new run.name"
