@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -75,12 +76,14 @@ def _deepspeed_checkpoint_classes() -> list[type]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path: str, map_location: Any = None) -> Any:
+def safe_load(path: Any, map_location: Any = None, _load: Any = None, **kwargs: Any) -> Any:
     """`torch.load` with `weights_only=True`: tensors, plain containers and the allowlisted DeepSpeed
-    classes only; anything else in the file is refused with a `CheckpointError` naming it."""
+    classes only; anything else in the file is refused with a `CheckpointError` naming it.
+    A caller's `weights_only` is overridden; `_load` is the real `torch.load` (see below)."""
+    kwargs.pop("weights_only", None)
     try:
         with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return (_load or torch.load)(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         reason = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), str(e)[:200])
         raise CheckpointError(
@@ -91,21 +94,9 @@ def safe_load(path: str, map_location: Any = None) -> Any:
 
 @contextlib.contextmanager
 def weights_only_loads() -> Iterator[None]:
-    """Within the block, every `torch.load` in this process is `safe_load` (weights-only with the
-    DeepSpeed allowlist), whatever its caller asks for."""
+    """Within the block, every `torch.load` in this process is `safe_load`, whatever its caller asks."""
     real = torch.load
-
-    def load(f: Any, map_location: Any = None, **kwargs: Any) -> Any:
-        kwargs.pop("weights_only", None)
-        try:
-            with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
-                return real(f, map_location=map_location, weights_only=True, **kwargs)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"{f}: refused to load ({str(e)[:200]}); checkpoints load weights-only"
-            ) from e
-
-    torch.load = load
+    torch.load = functools.partial(safe_load, _load=real)
     try:
         yield
     finally:
