@@ -349,11 +349,17 @@ def _resolve_modalities(cfg: Config) -> None:
     d.grid_pos_enc, d.tile_m, d.crop_m, d.ref_date = ds.grid_pos_enc, ds.tile_m, ds.crop_m, ds.ref_date
 
 
-def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config dict for a world size (no hand-written JSON anywhere)."""
+def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool, stage: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for a world size (no hand-written JSON anywhere).
+
+    `stage`: the ZeRO stage; by default `train.zero_stage`, or 0 on one rank, which has nothing to
+    partition (stages 1–3 would only add copies of every gradient). A resumed run passes its own.
+    """
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
-    zero: dict[str, Any] = {"stage": cfg.train.zero_stage}
-    if cfg.train.zero_stage >= 1:
+    if stage is None:
+        stage = 0 if world_size == 1 else cfg.train.zero_stage
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
         zero.update(overlap_comm=use_gpu, contiguous_gradients=True)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,

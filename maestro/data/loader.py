@@ -136,8 +136,8 @@ class Loader:
         """Samples skipped as unreadable so far by this rank (as of the last batch yielded)."""
         return sum(self._skipped)
 
-    def state_dict(self) -> dict[str, Any]:
-        """A small JSON-able dict: where each worker's stream stands after the last batch yielded."""
+    def _identity(self) -> dict[str, Any]:
+        """What a saved state must agree with (the layout keys only for an exact resume)."""
         return {
             "version": STATE_VERSION,
             "rank": self.plan.rank,
@@ -146,6 +146,12 @@ class Loader:
             "seed": self.plan.seed,
             "shuffle_buffer": self.plan.shuffle_buffer,
             "samples": self.plan.total,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """A small JSON-able dict: where each worker's stream stands after the last batch yielded."""
+        return {
+            **self._identity(),
             "batches": self._batches,
             "epoch": self.epoch,
             "positions": [list(p) for p in self._positions],
@@ -159,7 +165,7 @@ class Loader:
         }
 
     def _check(self, state: dict[str, Any], keys: tuple[str, ...]) -> None:
-        mine = self.state_dict()
+        mine = self._identity()
         for key in keys:
             if state.get(key) != mine[key]:
                 raise DataError(

@@ -40,21 +40,14 @@ def build_engine(
     stage: int | None = None,
     load_universal: bool = False,
 ) -> deepspeed.DeepSpeedEngine:
-    """Wrap `model` (ZeRO stage, precision, clipping and accumulation from `cfg`).
-
-    `stage`: the ZeRO stage; by default `train.zero_stage`, or 0 on one rank, which has nothing
-    to partition (stages 1–3 would only add copies of every gradient). A resumed run keeps the stage
-    it started with. `load_universal`: the engine will load a universal checkpoint (`to_universal`).
-    """
-    ds_config = config.deepspeed_config(cfg, world_size, use_gpu)
-    if stage is None:
-        stage = 0 if world_size == 1 else cfg.train.zero_stage
-    if stage != ds_config["zero_optimization"]["stage"]:
-        ds_config["zero_optimization"] = {"stage": stage}
+    """Wrap `model` (ZeRO stage, precision, clipping and accumulation from `cfg`; the stage as in
+    `config.deepspeed_config`). `load_universal`: the engine will load a universal checkpoint."""
+    ds_config = config.deepspeed_config(cfg, world_size, use_gpu, stage)
+    stage = ds_config["zero_optimization"]["stage"]
     if load_universal:
         ds_config["checkpoint"] = {"load_universal": True}
     wrapped = DictOutputs(model)
-    if ds_config["zero_optimization"]["stage"] == 3:
+    if stage == 3:
         register_leaf_parameters(wrapped)
     engine, _, _, _ = deepspeed.initialize(
         model=wrapped, optimizer=optimizer, lr_scheduler=schedule, config=ds_config

@@ -211,14 +211,16 @@ class CheckpointStore:
                 for path in self.fs.ls(self._dir(step), detail=False):
                     if path.rstrip("/").split("/")[-1] != UNIVERSAL:
                         self.fs.get(path, f"{src}/")
+            out = f"{target}/{name}" if self.local else f"{work}/{UNIVERSAL}/{name}"  # local: in place
             try:
-                to_universal(src, f"{work}/{UNIVERSAL}/{name}")
+                to_universal(src, out)
             except Exception as e:
                 raise CheckpointError(
                     f"{self.url}/{name}: converting it for a different number of workers failed "
                     f"({e.__class__.__name__}: {e}); resume with the workers it was written by"
                 ) from e
-            self.fs.put(f"{work}/{UNIVERSAL}/{name}/", f"{target}/{name}/", recursive=True)
+            if not self.local:
+                self.fs.put(f"{out}/", f"{target}/{name}/", recursive=True)
             self.fs.pipe_file(f"{target}/{MARKER}", json.dumps({"step": step, "time": time.time()}).encode())
         finally:
             shutil.rmtree(work, ignore_errors=True)

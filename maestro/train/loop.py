@@ -250,7 +250,8 @@ class Trainer:
             self.loader.load_state_dict(own)
             return
         states = [
-            checkpoint.decode(self.store.read(step, f"rank{r}_data.pt")) for r in range(state["world_size"])
+            own if r == self.place.rank else checkpoint.decode(self.store.read(step, f"rank{r}_data.pt"))
+            for r in range(state["world_size"])
         ]
         self.loader.resume(states)
 
