@@ -15,15 +15,12 @@ that Ray's own SIGINT handler, which aborts the workers at once, stays out of th
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from collections.abc import Callable
 from typing import Any
 
-import fsspec
-
-from maestro import config
+from maestro import config, storage
 from maestro.config import Config
 from maestro.train.loop import STOP_FILE, SUMMARY_FILE, Diverged, payload, run_url, worker_entry
 
@@ -49,7 +46,7 @@ class _DriverStop:
         threading.Thread(target=self._write_stop, daemon=True).start()
 
     def _write_stop(self) -> None:
-        fs, path = fsspec.core.url_to_fs(self.stop_url)
+        fs, path = storage.url_to_fs(self.stop_url)
         fs.pipe_file(path, b"stop requested by the driver\n")
         print(
             "stopping: the workers write a checkpoint at their next log step (signal again to abort)",
@@ -63,7 +60,7 @@ class _DriverStop:
 
 
 def _remove(url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = storage.url_to_fs(url)
     if fs.exists(path):
         fs.rm(path)
 
@@ -108,14 +105,15 @@ def launch(cfg: Config, train_fn: Callable[[dict], None] = worker_entry) -> dict
             object_store_memory=OBJECT_STORE_BYTES,
         )
     resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if gpu else {})}
-    storage = r.storage if "://" in r.storage else os.path.abspath(r.storage)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=payload(cfg),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=r.name, storage_path=storage, failure_config=FailureConfig(max_failures=r.max_failures)
+            name=r.name,
+            storage_path=storage.absolute(r.storage),
+            failure_config=FailureConfig(max_failures=r.max_failures),
         ),
     )
     stop_url, summary_url = f"{run_url(cfg)}/{STOP_FILE}", f"{run_url(cfg)}/{SUMMARY_FILE}"
@@ -127,7 +125,7 @@ def launch(cfg: Config, train_fn: Callable[[dict], None] = worker_entry) -> dict
     finally:
         if started:
             ray.shutdown()
-    fs, path = fsspec.core.url_to_fs(summary_url)
+    fs, path = storage.url_to_fs(summary_url)
     summary = json.loads(fs.cat_file(path))
     if "diverged" in summary:
         raise Diverged(summary["diverged"])

@@ -42,7 +42,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    size: Literal["tiny", "small", "base", "large"] = "tiny"
+    size: Literal["debug", "tiny", "small", "base", "large"] = "tiny"
     fusion: Literal["shared", "monotemp", "mod", "group"] = "group"
     inter_depth: int = 3
     attention: Literal["flash", "sdpa", "math"] = "sdpa"

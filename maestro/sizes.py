@@ -1,6 +1,8 @@
 """Model size presets, one table with the reference's numbers (maestro_reference.md §1.12).
 
-`base` is the reference's `medium` (the paper's "base"). The decoder MLP hidden width is
+`base` is the reference's `medium` (the paper's "base"). `debug` is ours alone (as torchtitan's
+`debugmodel`): a few hundred thousand parameters, for tests and quick checks; it has no reference
+counterpart and no released weights. The decoder MLP hidden width is
 `encoder dim × decoder_mlp_ratio`, a reference quirk kept for weight compatibility.
 """
 
@@ -33,6 +35,7 @@ class SizePreset:
 
 SIZES = {
     #                 E     depth heads dh  mlp  E_d  d_depth d_heads d_dh d_mlp
+    "debug": SizePreset(32, 2, 2, 16, 2, 32, 1, 2, 16, 2),
     "tiny": SizePreset(192, 12, 3, 64, 2, 512, 1, 16, 32, 4),
     "small": SizePreset(384, 12, 6, 64, 2, 512, 2, 16, 32, 4),
     "base": SizePreset(768, 12, 12, 64, 4, 512, 3, 16, 32, 4),

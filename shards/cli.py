@@ -98,7 +98,7 @@ def _report(args: argparse.Namespace, rep: dict, text: str) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from shards import storage
+    from maestro import storage
     from shards.synth import write_synthetic
 
     start = time.perf_counter()
@@ -199,7 +199,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     import tempfile
 
-    from shards import storage
+    from maestro import storage
     from shards.convert import convert
     from shards.synth import write_synthetic
     from shards.synth_source import write_treesatai_source

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from maestro import storage
 from shards import manifest as manifest_io
-from shards import storage
 from shards.reader import iter_shard
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from maestro import storage
 from maestro.errors import DataError
-from shards import storage
 from shards.schema import FORMAT, VERSION
 
 MANIFEST = "manifest.json"

@@ -7,9 +7,9 @@ import tarfile
 from collections.abc import Iterator
 from typing import IO
 
+from maestro import storage
 from maestro.errors import DataError
 from shards import manifest as manifest_io
-from shards import storage
 from shards.schema import Sample, decode
 
 

@@ -19,8 +19,8 @@ import numpy as np
 from einops import rearrange, repeat
 
 from maestro import modalities as registry
+from maestro import storage
 from maestro.modalities import DatasetPreset, ModalitySpec
-from shards import storage
 from shards import valid as valid_masks
 from shards.schema import Sample, sample_key
 from shards.writer import DEFAULT_SHARD_BYTES, ShardWriter, raw_band_names, write_split

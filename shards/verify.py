@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 from typing import IO, Any
 
+from maestro import storage
 from maestro.errors import DataError
 from shards import manifest as manifest_io
-from shards import storage
 from shards.reader import iter_members
 from shards.schema import decode
 

@@ -19,10 +19,10 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from maestro import storage
 from maestro.errors import DataError
 from maestro.modalities import ModalitySpec, TargetSpec
 from shards import manifest as manifest_io
-from shards import storage
 from shards.schema import FORMAT, VERSION, Sample, encode
 from shards.stats import BandStats, provenance
 

@@ -17,14 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from maestro import config
+from maestro import config, storage
 from maestro.data import build_loader
 from maestro.data.arena import MAX_SLOTS, Arena
 from maestro.data.collate import collate_packed, collate_padded
 from maestro.data.prepare import Recipe, prepare, select
 from maestro.data.tar_stream import read_samples
 from maestro.errors import DataError
-from shards import storage
 from shards.schema import decode
 from shards.synth import write_synthetic
 

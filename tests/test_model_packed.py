@@ -10,11 +10,10 @@ import pytest
 import torch
 from test_model_batches import make_batch
 
-from maestro import config
+from maestro import config, storage
 from maestro.data import build_loader
 from maestro.info import group_mask_ratio, masked_count
 from maestro.model import build_model
-from shards import storage
 from shards.synth import write_synthetic
 
 SMALL = ["data.modalities.aerial.image_size=60"]

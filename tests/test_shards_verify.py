@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from maestro import storage
 from maestro.cli import main
 from maestro.modalities import preset
-from shards import manifest, reader, storage
+from shards import manifest, reader
 from shards.inspect import inspect
 from shards.synth import SynthItem, read_item, write_synthetic
 from shards.verify import verify

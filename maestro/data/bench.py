@@ -116,9 +116,9 @@ def bench_decode(cfg, shard_url: str, limit: int = 64) -> dict[str, float]:
 
     Transforms are the loader's per-sample ones (crop, dates, flips); its scaling happens in collate.
     """
+    from maestro import storage
     from maestro.data.prepare import Recipe, select
     from maestro.data.tar_stream import read_samples
-    from shards import storage
     from shards.schema import decode
 
     recipe = Recipe.from_config(cfg, train=True)

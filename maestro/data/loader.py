@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from maestro import storage
 from maestro.config import Config
 from maestro.data.arena import Arena, Receiver
 from maestro.data.plan import Plan, consumed, load_shards
 from maestro.data.prepare import Recipe
 from maestro.data.stream import Batching, ReaderStream
 from maestro.errors import ConfigError, DataError
-from shards import storage
 
 STATE_VERSION = 2
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from maestro import storage
 from maestro.errors import DataError
 from shards import manifest as manifest_io
-from shards import storage
 
 
 @dataclass(frozen=True)
@@ -142,13 +142,7 @@ def consumed(plan: Plan, positions: list[list[int]], low: int) -> dict[int, np.n
 def load_shards(url: str) -> tuple[dict, list[Shard]]:
     """The manifest and its shards, checked against what the folder/prefix really holds."""
     manifest = manifest_io.read(url)
-    fs = storage.filesystem(url)
-    fs.invalidate_cache()
-    listing = {
-        p["name"].rstrip("/").rsplit("/", 1)[-1]: int(p["size"])
-        for p in fs.ls(fs._strip_protocol(url), detail=True)
-        if p.get("type") == "file"
-    }
+    listing = storage.file_sizes(url)
     listed = {s["name"] for s in manifest["shards"]}
     where = manifest_io.url_of(url)
     for s in manifest["shards"]:

@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
+from maestro import storage
 from maestro.errors import CheckpointError
 
 MARKER = "COMPLETE"
@@ -87,8 +86,8 @@ class CheckpointStore:
 
     def __init__(self, run_url: str, keep: int):
         self.url = run_url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.local = isinstance(self.fs, LocalFileSystem)
+        self.fs, self.root = storage.url_to_fs(self.url)
+        self.local = not storage.is_s3(self.url)
         self.keep = keep
 
     def _dir(self, step: int) -> str:

@@ -24,10 +24,9 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-import fsspec
 import torch
 
-from maestro import config
+from maestro import config, storage
 from maestro.config import Config
 from maestro.errors import CheckpointError, MaestroError
 from maestro.model.ema import EMA
@@ -45,8 +44,7 @@ class Diverged(MaestroError):
 
 def run_url(cfg: Config) -> str:
     """`run.storage/run.name`: an absolute local path or an `s3://` URL."""
-    storage = cfg.run.storage if "://" in cfg.run.storage else os.path.abspath(cfg.run.storage)
-    return f"{storage.rstrip('/')}/{cfg.run.name}"
+    return storage.join(storage.absolute(cfg.run.storage), cfg.run.name)
 
 
 def console(line: str) -> None:
@@ -178,7 +176,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_sample(cfg) / self.tokens_per_sample
         self.samples_trained = 0  # by this process's run, all ranks (a resumed run counts from its start)
         self.peak = metrics.peak_flops(place.device) * place.world_size
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = storage.url_to_fs(self.url)
         self.board: metrics.Board | None = None
         if place.is_main:
             if self.store.local:

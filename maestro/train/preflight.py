@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import uuid
 
-import fsspec
-
+from maestro import storage
 from maestro.config import Config
 from maestro.errors import CheckpointError, ConfigError, DataError
 from maestro.train.loop import run_url
@@ -24,7 +23,7 @@ def check_shards(url: str) -> None:
         )
     manifest = f"{url.rstrip('/')}/manifest.json"
     try:
-        fs, path = fsspec.core.url_to_fs(manifest)
+        fs, path = storage.url_to_fs(manifest)
         found = fs.exists(path)
     except Exception as e:  # any transport or credential failure, named with the URL below
         raise DataError(f"cannot reach the shards at {url}: {e.__class__.__name__}: {e}") from e
@@ -40,7 +39,7 @@ def check_storage(cfg: Config) -> None:
     url = run_url(cfg)
     probe = f"{url}/.probe-{uuid.uuid4().hex[:8]}"
     try:
-        fs, path = fsspec.core.url_to_fs(probe)
+        fs, path = storage.url_to_fs(probe)
         if "://" not in url:
             fs.makedirs(url, exist_ok=True)
         fs.pipe_file(path, b"")

@@ -12,9 +12,9 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from maestro import storage
 from maestro.errors import DataError
 from maestro.modalities import preset
-from shards import storage
 from shards.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_split
 
 CONVERTERS = {
