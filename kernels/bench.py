@@ -1,11 +1,12 @@
 """Benchmark of the fused kernels against eager PyTorch and `torch.compile` of their references.
 
-    python -m kernels.bench [--batch 32] [--runs 100] [--json]
+    python -m kernels.bench [--batch 32] [--runs 100] [--presets flair_hub,...] [--json]
 
 For the TreeSatAI-TS, PASTIS-HD and FLAIR-HUB presets (shapes from the modality registry) it times
 forward, backward and both with CUDA events (warm-up, then the median of `--runs`), on rotating input
 copies that together exceed twice the L2 cache, and reports ms, GB/s of the bytes the fused kernel must
-move, and that as a percentage of the device's measured copy bandwidth. Each run appends its rows
+move (`kernels/traffic.py`: every load and store of the kernels and the torch calls around them),
+and that as a percentage of the device's measured copy bandwidth. Each run appends its rows
 (device, versions, commit) to `kernels/results.csv`. Without a CUDA GPU it says so and exits 0.
 """
 
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 import triton
 
+from kernels import group_norm_target as gnt
+from kernels import masking, traffic
 from kernels.group_norm_target import group_norm_masked_loss, group_norm_masked_loss_ref
 from kernels.masking import gather_rows, gather_rows_ref, unmask_rows, unmask_rows_ref
 from maestro import config, info
@@ -37,12 +40,14 @@ FIELDS = [
     "impl", "pass", "ms", "gb_s", "pct_copy",
 ]  # fmt: skip
 MASK_RATIO = 0.75
+INVALID = 0.05  # fraction of each patch's pixels marked invalid
 
 
 @dataclass
 class Case:
-    """One benchmarked call: `make(device)` builds a fresh input set; `bytes` per pass is what the fused
-    kernel must read and write; `run[impl]` the function, `grads` the inputs it differentiates."""
+    """One benchmarked call: `make(device)` builds a fresh input set with exactly the counts (masked
+    tokens, valid pixels, mask tokens used) that `bytes` (per pass, `kernels/traffic.py`) assumes;
+    `run[impl]` the function, `grads` the inputs it differentiates."""
 
     preset: str
     op: str
@@ -55,18 +60,18 @@ class Case:
 
 def _loss_case(preset: str, name: str, spec, batch: int) -> Case:
     """The masked loss of one modality: M = B·T·g² patches of P = p² pixels × C bands, bf16
-    predictions, float32 targets, 75 % of the tokens masked."""
+    predictions, float32 targets, 75 % of the tokens masked, 5 % of each patch's pixels invalid."""
     m, p, c = batch * spec.num_dates * spec.tokens_per_date, spec.patch_size**2, spec.channels
     groups = spec.norm_groups
-    masked = round(MASK_RATIO * m)
-    read = masked * p * c * (4 + 2) + m * p + m  # masked tokens' target + pred, valid, token mask
-    write = m * p * c * 2  # d pred, every element
+    masked, valid_px = round(MASK_RATIO * m), p - round(INVALID * p)
+    programs = triton.cdiv(m, gnt._blocks(m, p, c)["BLOCK_M"])
 
     def make(device: str) -> tuple:
         target = torch.randn(m, p, c, device=device)
         pred = torch.randn(m, p, c, device=device, dtype=torch.bfloat16, requires_grad=True)
-        valid = torch.rand(m, p, device=device) > 0.05
-        token_mask = torch.rand(m, device=device) < MASK_RATIO
+        valid = torch.rand(m, p, device=device).argsort(1) < valid_px
+        token_mask = torch.zeros(m, dtype=torch.bool, device=device)
+        token_mask[torch.randperm(m, device=device)[:masked]] = True
         return pred, target, valid, token_mask
 
     def fn(op):
@@ -74,7 +79,7 @@ def _loss_case(preset: str, name: str, spec, batch: int) -> Case:
 
     return Case(
         preset, "group_norm_masked_loss", f"{name} M={m} P={p} C={c} groups={groups}",
-        {"fwd": read, "bwd": read + write, "both": 2 * read + write},
+        traffic.masked_loss(m, p, c, masked * valid_px, 2, 4, programs),
         make, {"triton": fn(group_norm_masked_loss), "eager": fn(group_norm_masked_loss_ref)}, (0,),
     )  # fmt: skip
 
@@ -98,21 +103,20 @@ def _masking_cases(preset: str, key: str, total: int, visible: int, batch: int) 
     def make_unmask(device: str) -> tuple:
         enc = torch.randn(k, e_dec, device=device, dtype=torch.bfloat16, requires_grad=True)
         table = torch.randn(tokens, e_dec, device=device, dtype=torch.bfloat16, requires_grad=True)
-        token_id = torch.randint(0, tokens, (n,), device=device)
-        return enc, rows(device)[1], table, token_id
+        source = rows(device)[1]
+        masked = source < 0
+        token_id = torch.where(masked, (masked.cumsum(0) - 1) % tokens, 0)  # masked ones take every id
+        return enc, source, table, token_id
 
-    g_fwd = 2 * k * e * 2 + k * 8
-    u_fwd = k * e_dec * 2 + n * e_dec * 2 + n * 16
-    u_bwd = n * e_dec * 2 + 2 * k * e_dec * 2 + n * 16  # read d out; zero and write d enc; indices
+    programs = masking._grid(n, e_dec)[0][0]
     return [
         Case(
-            preset, "gather_rows", f"{key} N={n} K={k} E={e}",
-            {"fwd": g_fwd, "bwd": n * e * 2 + g_fwd, "both": n * e * 2 + 2 * g_fwd},
+            preset, "gather_rows", f"{key} N={n} K={k} E={e}", traffic.gather_rows(n, k, e, 2),
             make_gather, {"triton": gather_rows, "eager": gather_rows_ref}, (0,),
         ),
         Case(
             preset, "unmask_rows", f"{key} N={n} K={k} E={e_dec} T={tokens}",
-            {"fwd": u_fwd, "bwd": u_bwd, "both": u_fwd + u_bwd},
+            traffic.unmask_rows(n, k, e_dec, 2, tokens, min(tokens, n - k), programs, 2),
             make_unmask, {"triton": unmask_rows, "eager": unmask_rows_ref}, (0, 2),
         ),
     ]  # fmt: skip
@@ -173,7 +177,7 @@ def _commit() -> str:
         return ""
 
 
-def run(batch: int, runs: int, impls: tuple[str, ...]) -> dict:
+def run(batch: int, runs: int, impls: tuple[str, ...], presets: tuple[str, ...] = PRESETS) -> dict:
     props = torch.cuda.get_device_properties(0)
     copy = copy_bandwidth_gb_s(runs)
     meta = {
@@ -187,7 +191,7 @@ def run(batch: int, runs: int, impls: tuple[str, ...]) -> dict:
     }
     l2 = getattr(props, "L2_cache_size", 64 << 20)
     rows = []
-    for case in cases(batch):
+    for case in cases(batch, presets):
         copies = -(-2 * l2 // max(case.bytes["fwd"], 1))  # input sets that together exceed 2 × L2
         sets = [case.make("cuda") for _ in range(min(copies, 4096))]
         fns = case.run | ({"compile": torch.compile(case.run["eager"])} if "compile" in impls else {})
@@ -217,13 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--runs", type=int, default=100, help="timed runs per measurement (median reported)")
     p.add_argument("--impls", default="triton,eager,compile", help="comma list of triton, eager, compile")
+    p.add_argument("--presets", default=",".join(PRESETS), help="comma list of dataset presets")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels/bench.py: no CUDA GPU on this machine; nothing measured, results.csv unchanged")
         report = {"gpu": False, "results": []}
     else:
-        report = run(args.batch, args.runs, tuple(args.impls.split(",")))
+        report = run(args.batch, args.runs, tuple(args.impls.split(",")), tuple(args.presets.split(",")))
     if args.json:
         print(json.dumps(report))
     return 0

@@ -180,7 +180,8 @@ class _UnmaskRows(torch.autograd.Function):
         t = ctx.table_rows
         genc = torch.zeros((ctx.enc_rows, width), dtype=grad.dtype, device=grad.device)
         grid, blocks = _grid(n, width)
-        partial = torch.zeros((grid[0], t, width), dtype=torch.float32, device=grad.device)
+        # Every program writes its whole (T, E) slot: no zero fill needed.
+        partial = torch.empty((grid[0], t, width), dtype=torch.float32, device=grad.device)
         if grad.numel():
             _unmask_rows_bwd_kernel[grid](
                 grad.contiguous(), source, token_id, genc, partial, n, width, t, **blocks
