@@ -9,7 +9,7 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test demo lint format clean
+.PHONY: install test demo lint format clean gpu-check
 
 install: $(STAMP)
 
@@ -35,3 +35,11 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .demo
+
+# The offline GPU acceptance run (README "GPU acceptance run"): installs nothing from the network and
+# never runs the installer; the Python that already has torch and triton (.venv's if there is one).
+# make gpu-check [OUT=gpu-check-out] [WHEELS=dir-of-wheels] [STEP_ARGS="key=value ..."] [GPU_PYTHON=python3]
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+OUT ?= gpu-check-out
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT) $(if $(WHEELS),--wheels $(WHEELS)) $(STEP_ARGS)
