@@ -25,17 +25,20 @@ import torch
 
 from maestro.cli_info import add_config_arguments
 
-SDPA = ("flash", "cudnn", "efficient")
+SDPA = ("flash", "cudnn", "efficient")  # torch.nn.attention.SDPBackend members
 
 
-def record_shapes(cfg: Any, device: torch.device) -> Counter:
-    """{(S, H, L, D) or ("packed", N, H, D, max_len): calls} over one bf16 forward on a real batch."""
+def record_shapes(cfg: Any, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Counter:
+    """{(S, H, L, D) or ("packed", N, H, D, max_len): calls} over one forward (autocast to `dtype`)
+    on a real batch of `data.shards`."""
     from maestro.data import build_loader
     from maestro.model import blocks, build_model
-    from maestro.train.loop import to_device
 
-    model = build_model(cfg).to(device, torch.bfloat16)
+    # Under autocast, as inference runs: nothing here may import deepspeed (the train loop does),
+    # which a GPU machine for this check may lack.
+    model = build_model(cfg).to(device)
     batch = next(iter(build_loader(cfg, 0, 1, train=True)))
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     calls: Counter = Counter()
     inner = blocks.attention
 
@@ -49,8 +52,8 @@ def record_shapes(cfg: Any, device: torch.device) -> Counter:
 
     blocks.attention = spy
     try:
-        with torch.no_grad():
-            model(to_device(batch, device, torch.bfloat16), generator=torch.Generator(device).manual_seed(0))
+        with torch.no_grad(), torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+            model(batch, generator=torch.Generator(device).manual_seed(0))
     finally:
         blocks.attention = inner
     return calls

@@ -191,28 +191,39 @@ def run(batch: int, runs: int, impls: tuple[str, ...], presets: tuple[str, ...] 
     }
     l2 = getattr(props, "L2_cache_size", 64 << 20)
     rows = []
-    for case in cases(batch, presets):
-        copies = -(-2 * l2 // max(case.bytes["fwd"], 1))  # input sets that together exceed 2 × L2
-        sets = [case.make("cuda") for _ in range(min(copies, 4096))]
-        fns = case.run | ({"compile": torch.compile(case.run["eager"])} if "compile" in impls else {})
-        for impl in impls:
-            per_set = [passes(fns[impl], case.grads, s) for s in sets]
-            for name in ("fwd", "bwd", "both"):
-                ms = _median_ms([p[name] for p in per_set], runs)
-                gb_s = case.bytes[name] / (ms * 1e-3) / 1e9
-                row = {"preset": case.preset, "op": case.op, "shape": case.shape, "impl": impl, "pass": name}
-                row |= {"ms": round(ms, 4), "gb_s": round(gb_s, 1), "pct_copy": round(100 * gb_s / copy, 1)}
-                rows.append(meta | row)
-                print(f"{case.preset:13} {case.op:23} {case.shape:48} {impl:8} {name:5} "
-                      f"{ms:8.4f} ms {gb_s:8.1f} GB/s {row['pct_copy']:5.1f} % of copy")  # fmt: skip
-        del sets
-        torch.cuda.empty_cache()
     new = not RESULTS.exists() or RESULTS.stat().st_size == 0
-    with RESULTS.open("a", newline="") as f:
+    with RESULTS.open("a", newline="") as f:  # rows land as they are measured: a stopped run keeps them
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             writer.writeheader()
-        writer.writerows(rows)
+        for case in cases(batch, presets):
+            copies = -(-2 * l2 // max(case.bytes["fwd"], 1))  # input sets that together exceed 2 × L2
+            sets = [case.make("cuda") for _ in range(min(copies, 4096))]
+            fns = case.run | ({"compile": torch.compile(case.run["eager"])} if "compile" in impls else {})
+            for impl in impls:
+                per_set = [passes(fns[impl], case.grads, s) for s in sets]
+                for name in ("fwd", "bwd", "both"):
+                    ms = _median_ms([p[name] for p in per_set], runs)
+                    gb_s = case.bytes[name] / (ms * 1e-3) / 1e9
+                    row = {
+                        "preset": case.preset,
+                        "op": case.op,
+                        "shape": case.shape,
+                        "impl": impl,
+                        "pass": name,
+                    }
+                    row |= {
+                        "ms": round(ms, 4),
+                        "gb_s": round(gb_s, 1),
+                        "pct_copy": round(100 * gb_s / copy, 1),
+                    }
+                    rows.append(meta | row)
+                    writer.writerow(meta | row)
+                    print(f"{case.preset:13} {case.op:23} {case.shape:48} {impl:8} {name:5} "
+                          f"{ms:8.4f} ms {gb_s:8.1f} GB/s {row['pct_copy']:5.1f} % of copy")  # fmt: skip
+                f.flush()
+            del sets
+            torch.cuda.empty_cache()
     return {"gpu": True, **meta, "batch": batch, "runs": runs, "results": rows}
 
 

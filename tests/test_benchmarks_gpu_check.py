@@ -123,3 +123,40 @@ def test_readme_lists_every_step_with_its_budget():
     for step in gpu_check.STEPS:
         assert f"| `{step.name}` | {step.budget_s} s |" in section, step.name
     assert f"{sum(s.budget_s for s in gpu_check.STEPS)} s" in section
+
+
+def test_a_stopped_kernel_benchmark_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    kernels_csv = tmp_path / "kernels.csv"
+    kernels_csv.write_text(",".join(["date", "copy_gb_s", "ms"]) + "\nold,1.0,2.0\n")
+    monkeypatch.setattr(gpu_check, "RESULTS", tmp_path / "benchmarks.csv")
+    monkeypatch.setattr(gpu_check, "KERNEL_RESULTS", kernels_csv)
+    code = (
+        f"open({str(kernels_csv)!r}, 'a').write('new,4300.5,0.25\\n'); print('row', flush=True); "
+        "import time; time.sleep(60)"
+    )
+    step = gpu_check.Step(
+        "kernels-bench", 3, "bench", lambda c: [sys.executable, "-c", code], gpu_check._kernel_figures
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = gpu_check.Context(sys.executable, out, tmp_path, dict(os.environ), [])
+    meta = {"date": "d", "commit": "c", "device": "cpu", "torch": "t", "triton": "tr", "cuda": None}
+    assert gpu_check.check(ctx, [step], meta, time.monotonic() + 300) is False
+    entry = ctx.results["kernels-bench"]
+    assert entry["status"] == "timed out" and entry["figures"]["partial"] is True
+    assert entry["figures"]["results"] == [{"date": "new", "copy_gb_s": "4300.5", "ms": "0.25"}]
+    assert (out / "kernels_results.csv").read_text() == "date,copy_gb_s,ms\nnew,4300.5,0.25\n"
+    assert "d,c,cpu,t,tr,,kernels-bench,copy_gb_s,4300.5" in (out / "benchmarks_results.csv").read_text()
+
+
+def test_peak_memory_follows_the_command_output(capsys):
+    from benchmarks import peak_memory
+
+    assert peak_memory.main(["info", "configs/demo.yaml", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-2])["dataset"] == "treesatai_ts"  # the command's own JSON line
+    peak = json.loads(lines[-1])["peak_memory"]
+    if torch.cuda.is_available():
+        assert peak["reserved_bytes"] >= peak["allocated_bytes"] >= 0
+    else:
+        assert peak == {}
