@@ -223,6 +223,13 @@ def _stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _nvidia_gpu() -> bool:
+    """Whether the driver lists a GPU (for a Python without torch to tell why it stops)."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
 def _missing(modules: tuple[str, ...]) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
@@ -405,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="gpu-check-out", help="folder for gpu_check.json, the log and new CSV rows"
     )
     p.add_argument("--wheels", default="", help="local folder of extra wheels (installed with --no-index)")
+    p.add_argument("--work", default=str(REPO / "build" / "gpu-check"), help="synthetic split, wheel site")
     p.add_argument("--only", default="", help="comma list of steps to run (default: all)")
     p.add_argument("--list", action="store_true", help="print the steps and their budgets, run nothing")
     p.add_argument(
@@ -421,7 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
     except ImportError as e:
-        print(f"gpu-check: torch does not import ({e}); this Python cannot run the check")
+        if not _nvidia_gpu():
+            print(f"gpu-check: no CUDA GPU on this machine (and torch does not import: {e}): nothing run")
+            return 0
+        print(
+            f"gpu-check: torch does not import in {sys.executable} ({e}); GPU_PYTHON= picks one that has it"
+        )
         return 1
     if not torch.cuda.is_available():
         print(
@@ -430,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    work = REPO / "build" / "gpu-check"
+    work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.log").write_text("")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -4,6 +4,7 @@ rows written) on small real commands."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -160,3 +161,55 @@ def test_peak_memory_follows_the_command_output(capsys):
         assert peak["reserved_bytes"] >= peak["allocated_bytes"] >= 0
     else:
         assert peak == {}
+
+
+def _wheel(folder: Path, name: str, source: str) -> Path:
+    """A minimal pure-Python wheel, built by hand (no build backend, no network)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        f"{name}/__init__.py": source,
+        f"{name}-0.1.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+        f"{name}-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = [
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},{len(text.encode())}"
+        for path, text in files.items()
+    ]
+    files[f"{name}-0.1.dist-info/RECORD"] = "\n".join([*record, f"{name}-0.1.dist-info/RECORD,,"]) + "\n"
+    path = folder / f"{name}-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for member, text in files.items():
+            z.writestr(member, text)
+    return path
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pip") is None, reason="needs pip")
+def test_wheels_from_a_local_folder_reach_the_steps(tmp_path, monkeypatch, capsys):
+    """With CUDA reported, the run installs WHEELS offline, a step needing that module runs with it
+    on its path, the figures and the summary say what ran and what was skipped."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "gpucheck_probe", "VALUE = 42\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "environment", lambda: {k: k for k in gpu_check.FIELDS[:6]})
+    monkeypatch.setattr(gpu_check, "RESULTS", tmp_path / "benchmarks.csv")
+    monkeypatch.setattr(gpu_check, "KERNEL_RESULTS", tmp_path / "kernels.csv")
+    code = "import json, gpucheck_probe; print(json.dumps({'value': gpucheck_probe.VALUE}))"
+    steps = [
+        _step("probe", code, needs=("gpucheck_probe",)),
+        _step("absent", "print(1)", needs=("no_such_module_for_gpu_check",)),
+    ]
+    monkeypatch.setattr(gpu_check, "STEPS", steps)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    out = tmp_path / "out"
+    assert gpu_check.main(["--out", str(out), "--work", str(tmp_path / "work"), "--wheels", str(wheels)]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["environment"]["wheels"]["files"] == ["gpucheck_probe-0.1-py3-none-any.whl"]
+    assert report["steps"]["probe"]["figures"] == {"value": 42}
+    assert (tmp_path / "work" / "site" / "gpucheck_probe" / "__init__.py").exists()
+    printed = capsys.readouterr().out
+    assert "skipped absent: no_such_module_for_gpu_check does not import" in printed
+    assert "$ " in (out / "gpu_check.log").read_text()  # each command is logged before its output
