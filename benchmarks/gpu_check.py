@@ -373,7 +373,7 @@ def check(ctx: Context, steps: list[Step], meta: dict[str, Any], deadline: float
             try:
                 entry["figures"] = step.figures(ctx, out)
             except (ValueError, OSError, ET.ParseError, KeyError) as e:
-                entry["figures_error"] = str(e)
+                entry["figures_error"] = f"{type(e).__name__}: {e}"
             if rc is None:
                 entry |= {"status": "timed out", "reason": f"stopped after {min(step.budget_s, left):.0f} s"}
             elif rc == 0 and "figures" in entry:
@@ -382,11 +382,14 @@ def check(ctx: Context, steps: list[Step], meta: dict[str, Any], deadline: float
                 tail = out.strip().splitlines()[-1:] or [""]
                 entry |= {"status": "failed", "reason": f"rc {rc}: {tail[0][:300]}"}
             if "figures" in entry:
-                rows = [
-                    {k: meta[k] for k in FIELDS[:6]} | {"step": step.name, "name": n, "value": v}
-                    for n, v in csv_rows(step.name, entry["figures"])
-                ]
-                _append_csv(RESULTS, FIELDS, rows)
+                try:
+                    pairs = csv_rows(step.name, entry["figures"])
+                except (KeyError, TypeError, AttributeError) as e:  # figures of an unexpected shape
+                    pairs, entry["rows_error"] = [], f"{type(e).__name__}: {e}"
+                fixed = {k: meta[k] for k in FIELDS[:6]}
+                _append_csv(
+                    RESULTS, FIELDS, [fixed | {"step": step.name, "name": n, "value": v} for n, v in pairs]
+                )
         ok &= entry["status"] in ("passed", "skipped")
         ctx.results[step.name] = entry
         (ctx.out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
