@@ -71,7 +71,6 @@ class Step:
     figures: Callable[[Context, str], dict[str, Any]]
     needs: tuple[str, ...] = ()  # modules that must import
     after: tuple[str, ...] = ()  # steps that must have passed
-    interpret: bool = False  # keep TRITON_INTERPRET (never: every kernel compiles for the device)
 
 
 def _last_json(log: str, key: str | None = None) -> dict[str, Any]:
@@ -242,6 +241,7 @@ def _version(dist: str) -> str | None:
 
 
 def _commit() -> str:
+    """GIT_COMMIT if set (a copy of the tree without .git), else git's short HEAD."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
@@ -364,11 +364,8 @@ def check(ctx: Context, steps: list[Step], meta: dict[str, Any], deadline: float
             entry |= {"status": "skipped", "reason": "nothing to run (no test file selected)"}
         else:
             print(f"gpu-check: {step.name} (budget {step.budget_s} s): {step.what}", flush=True)
-            env = dict(ctx.env)
-            if not step.interpret:
-                env.pop("TRITON_INTERPRET", None)
             t0 = time.monotonic()
-            rc, out = run_step(cmd, env, min(step.budget_s, left), log)
+            rc, out = run_step(cmd, ctx.env, min(step.budget_s, left), log)
             entry |= {"seconds": round(time.monotonic() - t0, 1), "rc": rc}
             try:
                 entry["figures"] = step.figures(ctx, out)
@@ -449,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.log").write_text("")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Kernels compile for the device: the Triton interpreter stays off in every step.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     paths = [str(REPO)]
     installed = None
     if args.wheels:
@@ -461,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             importlib.invalidate_caches()
     env["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
     meta = environment()
+    env["GIT_COMMIT"] = meta["commit"]  # the same commit in every step's rows
     print(f"gpu-check: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}")
     ctx = Context(sys.executable, out, work, env, args.step_args)
     if installed is not None:

@@ -16,6 +16,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -169,6 +170,9 @@ def copy_bandwidth_gb_s(runs: int) -> float:
 
 
 def _commit() -> str:
+    """GIT_COMMIT if set (`make gpu-check` sets it; a copy of the tree may lack .git), else git's HEAD."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent, capture_output=True, text=True
