@@ -121,6 +121,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--preset", default="treesatai_ts")
     q.add_argument("--samples", type=int, default=200)
     q.add_argument("--workers", type=int, default=1)
+    q.add_argument(
+        "--ray",
+        action="store_true",
+        help="synth as Ray tasks on a local Ray of 1 CPU, then of --workers CPUs (Ray start-up not timed)",
+    )
     q.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     q.set_defaults(func=run_bench)
 
@@ -254,6 +259,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from shards.synth_source import write_treesatai_source
 
     rep = {"preset": args.preset, "workers": args.workers}
+    if args.ray:
+        return _bench_ray(args, rep)
     start = time.perf_counter()
     m = write_synthetic(
         args.out, args.preset, args.samples, 0, split="bench", overwrite=True, workers=args.workers
@@ -273,5 +280,49 @@ def run_bench(args: argparse.Namespace) -> int:
         lines.append(
             f"convert treesatai_ts: {rep['convert']['samples_per_s']} samples/s, {rep['convert']['mb_per_s']} MB/s"
         )
+    _report(args, rep, "\n".join(lines))
+    return 0
+
+
+def _warm() -> None:
+    """Start a Ray worker and import the synthesis code there (held briefly, so each CPU gets one)."""
+    import shards.synth  # noqa: F401
+
+    time.sleep(1.0)
+
+
+def _bench_ray(args: argparse.Namespace, rep: dict) -> int:
+    """Synthesis as Ray tasks with 1 CPU and with `--workers` CPUs, side by side on the same items."""
+    import ray
+
+    from shards.synth import write_synthetic
+
+    warm = ray.remote(num_cpus=1)(_warm)
+    per_shard = max(1, args.samples // (4 * args.workers))  # enough parts to keep every CPU busy
+    lines = []
+    for cpus in sorted({1, args.workers}):
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.get([warm.remote() for _ in range(cpus)])  # worker start-up and imports, untimed
+            start = time.perf_counter()
+            m = write_synthetic(
+                args.out,
+                args.preset,
+                args.samples,
+                0,
+                split="bench",
+                overwrite=True,
+                shard_samples=per_shard,
+                ray="",
+            )
+            rep[f"ray_{cpus}"] = _throughput(m["samples"], m["bytes"], time.perf_counter() - start)
+        finally:
+            ray.shutdown()
+        lines.append(
+            f"synth {args.preset} on Ray, {cpus} CPU: {rep[f'ray_{cpus}']['samples_per_s']} samples/s"
+        )
+    if args.workers > 1:
+        rep["speedup"] = round(rep[f"ray_{args.workers}"]["samples_per_s"] / rep["ray_1"]["samples_per_s"], 2)
+        lines.append(f"{args.workers} vs 1 CPU: x{rep['speedup']}")
     _report(args, rep, "\n".join(lines))
     return 0
