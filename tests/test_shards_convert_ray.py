@@ -86,3 +86,15 @@ def test_a_rerun_after_a_failure_writes_only_the_missing_parts(tmp_path):
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in whole["shards"]]
     got = next(iter(reader.iter_split(str(split))))
     np.testing.assert_array_equal(got.arrays["s2"], read_item(todo[0]).arrays["s2"])
+
+
+def test_a_real_archive_converts_as_ray_tasks_to_the_one_process_shards(fixtures_dir, tmp_path):
+    from shards.convert import convert
+
+    root = fixtures_dir / "treesatai_ts"
+    one = convert("treesatai_ts", root, str(tmp_path / "one"), shard_samples=1)
+    two = convert("treesatai_ts", root, str(tmp_path / "two"), shard_samples=1, ray="", workers=2)
+    assert set(two) == {"train", "val", "test"}
+    for split, m in one.items():
+        assert [s["sha256"] for s in two[split]["shards"]] == [s["sha256"] for s in m["shards"]]
+        assert two[split]["statistics"]["modalities"].keys() == m["statistics"]["modalities"].keys()
