@@ -104,27 +104,30 @@ def _done(part_url: str) -> bool:
 
 
 def _check_plan(split_url: str, record: dict[str, Any], overwrite: bool) -> None:
-    """Start a new conversion, or resume one made with the same assignment."""
-    if storage.exists(manifest_io.url_of(split_url)) and not overwrite:
-        raise DataError(
-            f"{split_url}: already holds a split (manifest.json); refusing to overwrite it. "
-            f"Pass --overwrite (overwrite=True) or choose another OUT"
-        )
+    """Start a new conversion (refusing to mix with an existing split), or resume one made with the
+    same assignment."""
     plan_url = storage.join(split_url, PARTS, PLAN)
+    here = [n for n in storage.list_names(split_url) if n != PARTS]
     if overwrite:
-        for name in storage.list_names(split_url):
-            if name == PARTS:
-                continue
-            storage.remove(storage.join(split_url, name))
+        if manifest_io.MANIFEST in here:  # first, so a crash never leaves an old manifest on new shards
+            storage.remove(manifest_io.url_of(split_url))
+        for name in here:
+            if name != manifest_io.MANIFEST:
+                storage.remove(storage.join(split_url, name))
         _remove_tree(storage.join(split_url, PARTS))
-    elif storage.exists(plan_url):
+    elif storage.exists(plan_url) and manifest_io.MANIFEST not in here:
         before = json.loads(storage.read_bytes(plan_url))
         if before != record:
             raise DataError(
                 f"{plan_url}: an interrupted conversion with another assignment ({before}) is here; "
                 f"rerun it with the same options ({record} now) or pass --overwrite"
             )
-        return
+        return  # resume: the parts that finished are kept
+    elif here:
+        raise DataError(
+            f"{split_url}: already holds a split ({len(here)} files, e.g. {here[0]}); refusing to "
+            f"overwrite it. Pass --overwrite (overwrite=True) or choose another OUT"
+        )
     storage.write_bytes(plan_url, json.dumps(record).encode())
 
 

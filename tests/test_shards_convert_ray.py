@@ -98,3 +98,16 @@ def test_a_real_archive_converts_as_ray_tasks_to_the_one_process_shards(fixtures
     for split, m in one.items():
         assert [s["sha256"] for s in two[split]["shards"]] == [s["sha256"] for s in m["shards"]]
         assert two[split]["statistics"]["modalities"].keys() == m["statistics"]["modalities"].keys()
+
+
+def test_an_existing_split_is_kept_unless_overwrite(tmp_path):
+    kw = {"sizes": SIZES, "max_dates": 3, "shard_samples": 2}
+    first = write_synthetic(str(tmp_path), "treesatai_ts", 4, 0, **kw)
+    with pytest.raises(DataError, match="already holds a split"):
+        write_synthetic(str(tmp_path), "treesatai_ts", 4, 1, **kw, ray="")
+    again = write_synthetic(str(tmp_path), "treesatai_ts", 4, 1, **kw, ray="", overwrite=True)
+    names = sorted(p.name for p in (tmp_path / "train").iterdir())
+    assert names == sorted(
+        ["manifest.json", *(s["name"] for s in again["shards"])]
+    )  # the old shards are gone
+    assert [s["sha256"] for s in again["shards"]] != [s["sha256"] for s in first["shards"]]

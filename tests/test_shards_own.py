@@ -194,3 +194,22 @@ def test_folder_converter_reads_geotiff_series_and_names_stray_files(tmp_path):
     (tmp_path / "src" / "train" / samples[0]["id"] / "s2.dates.csv").unlink()
     with pytest.raises(DataError, match=r"s2.dates.csv: missing"):
         convert("folder", tmp_path / "src", str(tmp_path / "o3"), config=cfg)
+
+
+def test_own_geometry_keys_replace_the_preset_s_and_are_checked():
+    own = {"tile_m": 96.0, "crop_m": 48.0, "ref_date": "planet", "inputs": ["planet"]}
+    cfg = config.from_dict({"data": {**RAW["data"], **own}})
+    assert (cfg.derived.tile_m, cfg.derived.crop_m, cfg.derived.ref_date) == (96.0, 48.0, "planet")
+    assert config.from_dict(RAW).derived.tile_m == preset("treesatai_ts").tile_m  # 0: the preset's
+    with pytest.raises(
+        config.ConfigError, match=r"'data.ref_date': got 'lidar'; expected one of the inputs \['planet'\]"
+    ):
+        config.from_dict({"data": {**RAW["data"], **own, "ref_date": "lidar"}})
+    assert (
+        config.from_dict({"data": {**RAW["data"], **own, "ref_date": "2021-07-01"}}).derived.ref_date
+        == "2021-07-01"
+    )
+    with pytest.raises(
+        config.ConfigError, match=r"'data.crop_m': got 200.0; expected a crop side in \(0, tile_m=96.0\]"
+    ):
+        config.from_dict({"data": {**RAW["data"], **own, "crop_m": 200.0}})
