@@ -15,11 +15,12 @@ records the assignment, so a rerun with another n is refused rather than mixed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -240,30 +241,37 @@ def write_split_ray(
         for k in range(math.ceil(len(items) / n))
     ]
     todo = [p for p in parts if not _done(p.url)]
-    started = not ray.is_initialized()
-    if started:
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(
-                num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False
-            )
-    try:
+    with ray_session(address, cpus):
         task = ray.remote(num_cpus=1, max_retries=0)(write_part)
+        refs = [task.remote(p) for p in todo]
         failed = []
-        for ref in [
-            task.remote(p) for p in todo
-        ]:  # every part runs to its end: a rerun redoes only the failed
+        for ref in refs:  # every part runs to its end, so a rerun redoes only the failed ones
             try:
                 ray.get(ref)
             except ray.exceptions.RayTaskError as e:
                 failed.append(e)
-        if failed:
-            cause = failed[0].cause
-            if isinstance(cause, DataError):  # bad input: the converter's own message, not a traceback
-                raise DataError(f"{cause} ({len(failed)} of {len(todo)} parts failed; rerun to retry them)")
-            raise failed[0]
-    finally:
-        if started:
-            ray.shutdown()
+    if failed:
+        cause = failed[0].cause
+        if isinstance(cause, DataError):  # bad input: the converter's own message, not a traceback
+            raise DataError(f"{cause} ({len(failed)} of {len(todo)} parts failed; rerun to retry them)")
+        raise failed[0]
     return _merge(split_url, split, parts)
+
+
+@contextlib.contextmanager
+def ray_session(address: str, cpus: int) -> Iterator[None]:
+    """Ray for the block: the one already running, the cluster at `address`, or a local Ray of
+    `cpus` CPUs bound to 127.0.0.1 (stopped again at the end of the block)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

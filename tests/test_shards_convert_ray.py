@@ -1,5 +1,6 @@
 """Conversion as Ray tasks (2 local workers): the same shards, byte for byte, as a one-process
-conversion, one manifest written last, and a rerun after a failure writes only the missing parts."""
+conversion, one manifest written last (also on S3, a moto server), and a rerun after a failure
+writes only the missing parts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import ray
 
+from maestro import storage
 from maestro.errors import DataError
 from maestro.modalities import preset
 from shards import fanout, reader
@@ -21,7 +23,7 @@ SIZES = {"aerial": 20}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
+def local_ray(s3_endpoint):  # the S3 variables first, so the Ray workers inherit them
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _failing_read below
     yield
@@ -111,3 +113,18 @@ def test_an_existing_split_is_kept_unless_overwrite(tmp_path):
         ["manifest.json", *(s["name"] for s in again["shards"])]
     )  # the old shards are gone
     assert [s["sha256"] for s in again["shards"]] != [s["sha256"] for s in first["shards"]]
+
+
+def test_ray_tasks_write_to_s3(s3_bucket, tmp_path):
+    kw = {"sizes": SIZES, "max_dates": 3, "shard_samples": 2}
+    url = f"s3://{s3_bucket}/synth"
+    m = write_synthetic(url, "treesatai_ts", 5, 2, **kw, ray="")
+    local = write_synthetic(str(tmp_path), "treesatai_ts", 5, 2, **kw)
+    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in local["shards"]]
+    assert manifest_io.read(f"{url}/train")["samples"] == 5
+    assert sorted(storage.list_names(f"{url}/train")) == sorted(
+        ["manifest.json", *(s["name"] for s in m["shards"])]
+    )
+    assert [s.key for s in reader.iter_split(f"{url}/train")] == [
+        s.key for s in reader.iter_split(str(tmp_path / "train"))
+    ]

@@ -128,27 +128,28 @@ def convert(
     """
     p = plan(dataset, root, splits, config)
     if ray is not None:
-        from shards.fanout import write_split_ray
+        from shards.fanout import ray_session, write_split_ray
 
-        return {
-            split: write_split_ray(
-                storage.join(out_url, split),
-                split,
-                p.read,
-                todo,
-                dataset=p.dataset,
-                modalities=p.modalities,
-                targets=p.targets,
-                source=p.source,
-                shard_bytes=shard_bytes,
-                shard_samples=shard_samples,
-                skip_bad=skip_bad,
-                overwrite=overwrite,
-                address=ray,
-                cpus=workers,
-            )
-            for split, todo in p.items.items()
-        }
+        with ray_session(ray, workers):  # one Ray for every split
+            return {
+                split: write_split_ray(
+                    storage.join(out_url, split),
+                    split,
+                    p.read,
+                    todo,
+                    dataset=p.dataset,
+                    modalities=p.modalities,
+                    targets=p.targets,
+                    source=p.source,
+                    shard_bytes=shard_bytes,
+                    shard_samples=shard_samples,
+                    skip_bad=skip_bad,
+                    overwrite=overwrite,
+                    address=ray,
+                    cpus=workers,
+                )
+                for split, todo in p.items.items()
+            }
     kw = {"shard_bytes": shard_bytes, "shard_samples": shard_samples, "overwrite": overwrite}
     # Every writer first, so an existing split stops the conversion before anything is written.
     writers = {split: writer_for(p, storage.join(out_url, split), split, **kw) for split in p.items}
