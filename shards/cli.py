@@ -37,7 +37,9 @@ def _writer_args(p: argparse.ArgumentParser) -> None:
         "a rerun after an interruption writes only the missing shards",
     )
     p.add_argument(
-        "--address", default="", help="Ray cluster address (as run.address, e.g. auto); implies --ray"
+        "--address",
+        default="",
+        help="Ray cluster address (e.g. auto); implies --ray. Default: --config's run.address, else a local Ray",
     )
 
 
@@ -47,8 +49,16 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _ray(args: argparse.Namespace) -> str | None:
-    """The Ray address to fan out to ("" = a local Ray), or None to write in this process."""
-    return args.address if (args.ray or args.address) else None
+    """The Ray address to fan out to ("" = a local Ray), or None to write in this process.
+
+    Without --address, a --config's `run.address` is the cluster to use."""
+    if not (args.ray or args.address):
+        return None
+    if not args.address and getattr(args, "config", None):
+        from maestro.config import load
+
+        return load(args.config).run.address
+    return args.address
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -115,3 +115,17 @@ def test_no_progress_bar_codes_when_stderr_is_not_a_terminal(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True)
     assert "\x1b[" not in run.stderr + run.stdout and "\r" not in run.stderr + run.stdout
     assert run.stderr == "" and "3 samples" in run.stdout
+
+
+def test_ray_address_comes_from_the_flag_then_the_config(tmp_path):
+    from maestro.cli import build_parser
+    from shards.cli import _ray
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run:\n  address: ray://head:10001\n")
+    base = ["shards", "convert", "folder", "ROOT", "OUT", "--config", str(cfg)]
+    parse = build_parser().parse_args
+    assert _ray(parse(base)) is None  # no --ray: this process
+    assert _ray(parse([*base, "--ray"])) == "ray://head:10001"
+    assert _ray(parse([*base, "--address", "auto"])) == "auto"
+    assert _ray(parse(["shards", "synth", "OUT", "--ray"])) == ""  # a local Ray
