@@ -31,7 +31,7 @@ from maestro.modalities import ModalitySpec, TargetSpec
 from shards import manifest as manifest_io
 from shards.schema import encode
 from shards.stats import BandStats, provenance
-from shards.writer import DEFAULT_SHARD_BYTES, Bad, ShardWriter, raw_band_names
+from shards.writer import DEFAULT_SHARD_BYTES, Bad, ShardWriter
 
 PARTS = "_parts"
 PLAN = "plan.json"
@@ -41,7 +41,7 @@ EMPTY = "empty.json"  # a part whose every sample was skipped
 
 @dataclasses.dataclass(frozen=True)
 class Part:
-    """One task: write `items` (positions `start`…) of a split as part `index`."""
+    """One task: write `items` (positions `index·shard_samples`…) of a split as part `index`."""
 
     split_url: str
     split: str
@@ -94,9 +94,14 @@ def write_part(part: Part) -> int:
 
 
 def samples_per_shard(read: Callable[[Any], Any], items: list[Any], shard_bytes: int) -> int:
-    """n from the size of the first sample: shards of about `shard_bytes`."""
-    size = sum(512 + len(b) for b in encode(read(items[0])).values())
-    return max(1, shard_bytes // size)
+    """n from the size of the first readable sample: shards of about `shard_bytes`."""
+    for item in items[:10]:
+        try:
+            size = sum(512 + len(b) for b in encode(read(item)).values())
+        except DataError:
+            continue
+        return max(1, shard_bytes // size)
+    raise DataError(f"none of the first {min(10, len(items))} samples could be read; pass --shard-samples N")
 
 
 def _done(part_url: str) -> bool:
@@ -160,16 +165,12 @@ def _merge(split_url: str, split: str, parts: list[Part]) -> dict[str, Any]:
             f"{split_url}: no sample was written ({len(skipped)} skipped); nothing to make a split of"
         )
     merged = dict(manifests[0])
-    specs = {}
+    specs, bands = {}, {}
     for m in manifests:
         specs.update(m["modalities"])
-    summaries = {}
-    for mod, acc in stats.items():
-        spec = ModalitySpec(**specs[mod]) if mod in specs else None
-        names = (
-            raw_band_names(spec, len(acc.count)) if spec else [f"channel{c}" for c in range(len(acc.count))]
-        )
-        summaries[mod] = acc.summary(names)
+        for mod, per_band in m["statistics"]["modalities"].items():
+            bands.setdefault(mod, list(per_band))  # the band names the writer gave
+    summaries = {mod: acc.summary(bands[mod]) for mod, acc in stats.items()}
     samples = sum(m["samples"] for m in manifests)
     merged.update(
         split=split,
