@@ -63,8 +63,8 @@ def _array(value: Any, where: str) -> np.ndarray:
 
 def _series(mod: str, x: np.ndarray, spec: ModalitySpec, where: str) -> np.ndarray:
     need = raw_channels(spec)
-    if x.ndim != 4:
-        raise DataError(f"{where}: shape {x.shape}; expected (T, C, H, W) with C = {need}")
+    if x.ndim != 4 or 0 in x.shape:
+        raise DataError(f"{where}: shape {x.shape}; expected (T, C, H, W) with T >= 1 dates and C = {need}")
     if x.shape[1] != need and (spec.source_channels is None or x.shape[1] < need):
         raise DataError(
             f"{where}: {x.shape[1]} channels; modality '{mod}' has {need} raw channels ({spec.bands})"

@@ -101,6 +101,7 @@ BAD = [
     (lambda s: s["arrays"].update(planet=s["arrays"]["planet"][0]), r"'planet': shape \(4, 20, 20\); expected \(T, C, H, W\)"),
     (lambda s: s["arrays"].update(planet=s["arrays"]["planet"].astype(np.float64)), "dtype float64 does not fit the modality's dtype uint16; set data.modalities.planet.dtype"),
     (lambda s: s["arrays"]["s2"].fill(np.nan), "'s2': every value is NaN"),
+    (lambda s: s["arrays"].update(planet=s["arrays"]["planet"][:0]), r"'planet': shape \(0, 4, 20, 20\); expected \(T, C, H, W\) with T >= 1"),
     (lambda s: s["dates"]["planet"].__setitem__(1, [2021, 400, 10]), r"dates\['planet'\]: row 1 \[2021, 400, 10\] has day_of_year 400; expected 1-366"),
     (lambda s: s["dates"]["planet"].pop(), r"dates\['planet'\]: shape \(2, 3\); expected \(3, 3\)"),
     (lambda s: s["dates"].pop("s2"), "no dates for 's2'"),
