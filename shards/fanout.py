@@ -242,15 +242,16 @@ def write_split_ray(
         for k in range(math.ceil(len(items) / n))
     ]
     todo = [p for p in parts if not _done(p.url)]
-    with ray_session(address, cpus):
-        task = ray.remote(num_cpus=1, max_retries=0)(write_part)
-        refs = [task.remote(p) for p in todo]
-        failed = []
-        for ref in refs:  # every part runs to its end, so a rerun redoes only the failed ones
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                failed.append(e)
+    failed = []
+    if todo:  # a rerun after every part finished (an interrupted merge) needs no Ray
+        with ray_session(address, cpus):
+            task = ray.remote(num_cpus=1, max_retries=0)(write_part)
+            refs = [task.remote(p) for p in todo]
+            for ref in refs:  # every part runs to its end, so a rerun redoes only the failed ones
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    failed.append(e)
     if failed:
         cause = failed[0].cause
         if isinstance(cause, DataError):  # bad input: the converter's own message, not a traceback

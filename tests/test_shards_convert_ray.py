@@ -128,3 +128,24 @@ def test_ray_tasks_write_to_s3(s3_bucket, tmp_path):
     assert [s.key for s in reader.iter_split(f"{url}/train")] == [
         s.key for s in reader.iter_split(str(tmp_path / "train"))
     ]
+
+
+def test_a_merge_interrupted_after_some_moves_completes_on_rerun(tmp_path):
+    todo = items("treesatai_ts", 6, 4, "train", SIZES, 3)
+    url = str(tmp_path / "out" / "train")
+    spec = {"dataset": "treesatai_ts", "modalities": preset("treesatai_ts").modalities, "shard_samples": 2}
+    fanout._check_plan(url, {"items": 6, "shard_samples": 2, "dataset": "treesatai_ts"}, False)
+    for k in range(3):  # every part finished ...
+        fanout.write_part(fanout.Part(url, "train", k, tuple(todo[2 * k : 2 * k + 2]), read_item,
+                                      "treesatai_ts", spec["modalities"], {}, "", 2, False))  # fmt: skip
+    moved = next((tmp_path / "out" / "train" / fanout.PARTS / "part-000001").glob("*.tar"))
+    moved.rename(tmp_path / "out" / "train" / moved.name)  # ... and the merge stopped after one move
+    m = fanout.write_split_ray(url, "train", read_item, todo, **spec)
+    whole = write_synthetic(
+        str(tmp_path / "ref"), "treesatai_ts", 6, 4, sizes=SIZES, max_dates=3, shard_samples=2
+    )
+    assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in whole["shards"]]
+    assert (
+        m["statistics"]["modalities"]["s2"]["B04"]["count"]
+        == whole["statistics"]["modalities"]["s2"]["B04"]["count"]
+    )
