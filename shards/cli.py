@@ -305,14 +305,14 @@ def _bench_ray(args: argparse.Namespace, rep: dict) -> int:
     """Synthesis as Ray tasks with 1 CPU and with `--workers` CPUs, side by side on the same items."""
     import ray
 
+    from shards.fanout import ray_session
     from shards.synth import write_synthetic
 
     warm = ray.remote(num_cpus=1)(_warm)
     per_shard = max(1, args.samples // (4 * args.workers))  # enough parts to keep every CPU busy
     lines = []
     for cpus in sorted({1, args.workers}):
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        try:
+        with ray_session("", cpus):
             ray.get([warm.remote() for _ in range(cpus)])  # worker start-up and imports, untimed
             start = time.perf_counter()
             m = write_synthetic(
@@ -326,8 +326,6 @@ def _bench_ray(args: argparse.Namespace, rep: dict) -> int:
                 ray="",
             )
             rep[f"ray_{cpus}"] = _throughput(m["samples"], m["bytes"], time.perf_counter() - start)
-        finally:
-            ray.shutdown()
         lines.append(
             f"synth {args.preset} on Ray, {cpus} CPU: {rep[f'ray_{cpus}']['samples_per_s']} samples/s"
         )
