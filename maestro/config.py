@@ -14,6 +14,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,11 @@ class DataConfig:
     token_budget: int = 0  # >0: packed batches of at most this many tokens (for dates=all)
     seed: int = 0
     strict: bool = False  # re-raise data errors instead of skipping and counting them
+    # Geometry of your own data (0 / empty: the preset's): tile and crop side in metres, and the
+    # reference date (a modality name, whose first date it is, or YYYY-MM-DD).
+    tile_m: float = 0.0
+    crop_m: float = 0.0
+    ref_date: str = ""
 
 
 @dataclass
@@ -346,7 +352,17 @@ def _resolve_modalities(cfg: Config) -> None:
         )
     d = cfg.derived
     d.modalities, d.groups, d.targets = mods, groups, dict(ds.targets)
-    d.grid_pos_enc, d.tile_m, d.crop_m, d.ref_date = ds.grid_pos_enc, ds.tile_m, ds.crop_m, ds.ref_date
+    d.grid_pos_enc = ds.grid_pos_enc
+    d.tile_m, d.crop_m = cfg.data.tile_m or ds.tile_m, cfg.data.crop_m or ds.crop_m
+    _check(0 < d.crop_m <= d.tile_m, "data.crop_m", d.crop_m, f"a crop side in (0, tile_m={d.tile_m}] metres")
+    d.ref_date = cfg.data.ref_date or ds.ref_date
+    if cfg.data.ref_date and d.ref_date not in mods:
+        try:
+            date.fromisoformat(d.ref_date)
+        except ValueError:
+            raise ConfigError(
+                "data.ref_date", d.ref_date, f"one of the inputs {sorted(mods)} or a date YYYY-MM-DD"
+            ) from None
 
 
 def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool, stage: int | None = None) -> dict[str, Any]:

@@ -215,8 +215,13 @@ def _flair_hub() -> DatasetPreset:
 
 
 def _flair2() -> DatasetPreset:
-    # FLAIR#2 = FLAIR-HUB refiltered, aerial + DEM + S2 only (reference `version=flair2`).
+    # FLAIR#2 = FLAIR-HUB refiltered, aerial + DEM + S2 only (reference `version=flair2`). The
+    # original FLAIR#2 release has no DSM/DTM pair: its elevation is the aerial's 5th band, an
+    # nDSM (height above ground, uint8), which `maestro shards convert flair2` writes as `dem`.
     hub = _flair_hub()
+    hub.modalities["dem"] = ModalitySpec(
+        bands=["ndsm"], resolution_m=0.2, image_size=512, patch_size=32, norm_fac=255.0, dtype="uint8"
+    )
     return dataclasses.replace(
         hub, inputs=["aerial", "dem", "s2"], targets={"cosia": TargetSpec("segmentation", 15, -1)}
     )

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from shards.layouts import LAYOUTS
+
 
 def _size(text: str) -> int:
     """Bytes from '256MB', '1.5GB', '300kB' or a plain number."""
@@ -20,10 +22,43 @@ def _size(text: str) -> int:
 def _writer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=_size, default="256MB", help="target shard size (default 256MB)")
     p.add_argument("--shard-samples", type=int, default=None, help="at most this many samples per shard")
-    p.add_argument("--workers", type=int, default=1, help="reader processes (default 1)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="reader processes, or Ray CPUs with --ray (default 1)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing split")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (none when stderr is not a terminal)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="write the split as Ray tasks, one per shard (a local Ray of --workers CPUs, or --address); "
+        "a rerun after an interruption writes only the missing shards",
+    )
+    p.add_argument(
+        "--address",
+        default="",
+        help="Ray cluster address (e.g. auto); implies --ray. Default: --config's run.address, else a local Ray",
+    )
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """A progress bar only on a terminal: redirected logs get no ANSI codes or carriage returns."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
+def _ray(args: argparse.Namespace) -> str | None:
+    """The Ray address to fan out to ("" = a local Ray), or None to write in this process.
+
+    Without --address, a --config's `run.address` is the cluster to use."""
+    if not (args.ray or args.address):
+        return None
+    if not args.address and getattr(args, "config", None):
+        from maestro.config import load
+
+        return load(args.config).run.address
+    return args.address
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,16 +83,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     _writer_args(q)
     q.set_defaults(func=run_synth)
 
-    q = s.add_parser("convert", help="convert a source archive to shard splits OUT/SPLIT")
-    q.add_argument("dataset", help="treesatai_ts, pastis, flair_hub or flair2")
-    q.add_argument("root", help="root folder of the source archive")
-    q.add_argument("out", help="output root (local folder or s3://bucket/prefix)")
-    q.add_argument("--split", action="append", dest="splits", help="only this split (repeatable)")
-    q.add_argument(
-        "--skip-bad", action="store_true", help="skip unreadable samples, listing them in the manifest"
+    q = s.add_parser(
+        "convert",
+        help="convert a source archive to shard splits OUT/SPLIT",
+        description="Convert a source archive to shard splits OUT/SPLIT. "
+        "`maestro shards convert DATASET --help` shows the folder layout DATASET reads.",
     )
-    _writer_args(q)
-    q.set_defaults(func=run_convert)
+    c = q.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    for name, layout in LAYOUTS.items():
+        d = c.add_parser(
+            name,
+            help=layout.splitlines()[0].rstrip(":"),
+            description=f"Convert {layout.splitlines()[0].rstrip(':')} to shard splits OUT/SPLIT.",
+            epilog="layout read:\n" + "\n".join(layout.splitlines()[1:]),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        d.add_argument("root", help="root folder of the source archive (see the layout below)")
+        d.add_argument("out", help="output root (local folder or s3://bucket/prefix)")
+        d.add_argument("--split", action="append", dest="splits", help="only this split (repeatable)")
+        d.add_argument(
+            "--skip-bad", action="store_true", help="skip unreadable samples, listing them in the manifest"
+        )
+        d.add_argument(
+            "--config",
+            required=name == "folder",
+            default=None,
+            help="YAML config whose data.modalities / data.inputs the samples hold"
+            if name == "folder"
+            else argparse.SUPPRESS,
+        )
+        _writer_args(d)
+        d.set_defaults(func=run_convert)
 
     q = s.add_parser("inspect", help="manifest summary, shapes, dtypes, dates, band statistics of a split")
     q.add_argument("url", help="split URL (folder or s3:// prefix holding manifest.json)")
@@ -75,6 +131,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--preset", default="treesatai_ts")
     q.add_argument("--samples", type=int, default=200)
     q.add_argument("--workers", type=int, default=1)
+    q.add_argument(
+        "--ray",
+        action="store_true",
+        help="synth as Ray tasks on a local Ray of 1 CPU, then of --workers CPUs (Ray start-up not timed)",
+    )
     q.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     q.set_defaults(func=run_bench)
 
@@ -134,7 +195,8 @@ def run_synth(args: argparse.Namespace) -> int:
         shard_samples=args.shard_samples,
         overwrite=args.overwrite,
         workers=args.workers,
-        progress=not args.no_progress,
+        progress=_progress(args),
+        ray=_ray(args),
     )
     rep = {"url": storage.join(args.out, args.split), "shards": len(m["shards"])}
     rep.update(_throughput(m["samples"], m["bytes"], time.perf_counter() - start))
@@ -152,12 +214,14 @@ def run_convert(args: argparse.Namespace) -> int:
         args.root,
         args.out,
         splits=args.splits,
+        config=args.config,
         workers=args.workers,
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
         shard_bytes=args.shard_size,
         shard_samples=args.shard_samples,
-        progress=not args.no_progress,
+        progress=_progress(args),
+        ray=_ray(args),
     )
     seconds = time.perf_counter() - start
     splits = {
@@ -205,6 +269,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from shards.synth_source import write_treesatai_source
 
     rep = {"preset": args.preset, "workers": args.workers}
+    if args.ray:
+        return _bench_ray(args, rep)
     start = time.perf_counter()
     m = write_synthetic(
         args.out, args.preset, args.samples, 0, split="bench", overwrite=True, workers=args.workers
@@ -224,5 +290,47 @@ def run_bench(args: argparse.Namespace) -> int:
         lines.append(
             f"convert treesatai_ts: {rep['convert']['samples_per_s']} samples/s, {rep['convert']['mb_per_s']} MB/s"
         )
+    _report(args, rep, "\n".join(lines))
+    return 0
+
+
+def _warm() -> None:
+    """Start a Ray worker and import the synthesis code there (held briefly, so each CPU gets one)."""
+    import shards.synth  # noqa: F401
+
+    time.sleep(1.0)
+
+
+def _bench_ray(args: argparse.Namespace, rep: dict) -> int:
+    """Synthesis as Ray tasks with 1 CPU and with `--workers` CPUs, side by side on the same items."""
+    import ray
+
+    from shards.fanout import ray_session
+    from shards.synth import write_synthetic
+
+    warm = ray.remote(num_cpus=1)(_warm)
+    per_shard = max(1, args.samples // (4 * args.workers))  # enough parts to keep every CPU busy
+    lines = []
+    for cpus in sorted({1, args.workers}):
+        with ray_session("", cpus):
+            ray.get([warm.remote() for _ in range(cpus)])  # worker start-up and imports, untimed
+            start = time.perf_counter()
+            m = write_synthetic(
+                args.out,
+                args.preset,
+                args.samples,
+                0,
+                split="bench",
+                overwrite=True,
+                shard_samples=per_shard,
+                ray="",
+            )
+            rep[f"ray_{cpus}"] = _throughput(m["samples"], m["bytes"], time.perf_counter() - start)
+        lines.append(
+            f"synth {args.preset} on Ray, {cpus} CPU: {rep[f'ray_{cpus}']['samples_per_s']} samples/s"
+        )
+    if args.workers > 1:
+        rep["speedup"] = round(rep[f"ray_{args.workers}"]["samples_per_s"] / rep["ray_1"]["samples_per_s"], 2)
+        lines.append(f"{args.workers} vs 1 CPU: x{rep['speedup']}")
     _report(args, rep, "\n".join(lines))
     return 0

@@ -47,6 +47,32 @@ class BandStats:
                 self.samples[c].append(sub)
                 self.kept[c] += sub.size
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The running figures as plain arrays (`np.savez`-able, loaded without pickle)."""
+        out = {"count": self.count, "total": self.total, "total_sq": self.total_sq}
+        for c, subs in enumerate(self.samples):
+            out[f"sub{c}"] = np.concatenate(subs) if subs else np.zeros(0)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> BandStats:
+        acc = cls(len(arrays["count"]))
+        acc.count, acc.total, acc.total_sq = arrays["count"], arrays["total"], arrays["total_sq"]
+        acc.samples = [[arrays[f"sub{c}"]] for c in range(len(acc.count))]
+        acc.kept = np.array([a[0].size for a in acc.samples], np.int64)
+        return acc
+
+    def merge(self, other: BandStats) -> None:
+        """Add the figures of another part of the split (the subsample stays within the cap)."""
+        self.count = self.count + other.count
+        self.total = self.total + other.total
+        self.total_sq = self.total_sq + other.total_sq
+        for c, subs in enumerate(other.samples):
+            room = max(0, SUBSAMPLE_CAP - int(self.kept[c]))
+            sub = np.concatenate(subs)[:room] if subs else np.zeros(0)
+            self.samples[c].append(sub)
+            self.kept[c] += sub.size
+
     def summary(self, bands: list[str]) -> dict:
         """JSON-ready figures per band: count, mean, std, min/max of the subsample, percentiles."""
         out = {}

@@ -46,7 +46,7 @@ def kind(spec: ModalitySpec) -> str:
         return "s1"
     if "B04" in spec.bands:
         return "s2"
-    if "dsm" in spec.bands:
+    if {"dsm", "ndsm"} & set(spec.bands):
         return "dem"
     return "vhr"
 
@@ -199,8 +199,9 @@ def _dem(rng, cls, cmap, spec) -> np.ndarray:
     h, w = cmap.shape
     ramp = np.linspace(0, rng.uniform(-5, 5), w)[None, :] + np.linspace(0, rng.uniform(-5, 5), h)[:, None]
     dtm = rng.uniform(20, 400) + ramp + _smooth_noise(rng, h, 4)
-    dsm = dtm + cls["height"][cmap] * (1 + 0.2 * rng.random((h, w)))
-    return np.stack([dsm, dtm])[None].astype(spec.dtype)  # (1, 2, H, W)
+    height = cls["height"][cmap] * (1 + 0.2 * rng.random((h, w)))
+    layers = {"dsm": dtm + height, "dtm": dtm, "ndsm": height}  # nDSM: height above ground
+    return _cast(np.stack([layers[b] for b in spec.bands])[None], spec.dtype)  # (1, C, H, W)
 
 
 def make_scene(item: SynthItem) -> Scene:
@@ -315,23 +316,32 @@ def write_synthetic(
     overwrite: bool = False,
     workers: int = 1,
     progress: bool = False,
+    ray: str | None = None,
 ) -> dict[str, Any]:
     """Write a synthetic split to `out_url/split` and return its manifest.
 
     `sizes` overrides the stored side in pixels per modality (small tiles for tests), `max_dates`
     caps the number of dates per series; otherwise the preset's real sizes and date counts apply.
+    `ray` (a Ray address, "" for a local Ray of `workers` CPUs) writes one Ray task per shard
+    (`shards.fanout`); None writes in this process with `workers` reader processes.
     """
     p = registry.preset(preset)
-    writer = ShardWriter(
-        storage.join(out_url, split),
-        dataset=preset,
-        split=split,
-        modalities=p.modalities,
-        targets=p.targets,
-        source=f"synthetic (maestro shards synth, seed {seed})",
-        shard_bytes=shard_bytes,
-        shard_samples=shard_samples,
-        overwrite=overwrite,
-    )
     todo = items(preset, samples, seed, split, sizes, max_dates)
+    spec = {
+        "dataset": preset,
+        "modalities": p.modalities,
+        "targets": p.targets,
+        "source": f"synthetic (maestro shards synth, seed {seed})",
+    }
+    url = storage.join(out_url, split)
+    if ray is not None:
+        from shards.fanout import write_split_ray
+
+        return write_split_ray(
+            url, split, read_item, todo, **spec, shard_bytes=shard_bytes, shard_samples=shard_samples,
+            overwrite=overwrite, address=ray, cpus=workers,
+        )  # fmt: skip
+    writer = ShardWriter(
+        url, split=split, **spec, shard_bytes=shard_bytes, shard_samples=shard_samples, overwrite=overwrite
+    )
     return write_split(writer, read_item, todo, workers=workers, progress=progress)

@@ -1,16 +1,22 @@
-"""FLAIR #2 conversion: the fixture tree (defects named or skipped) and a generated, well-formed zone."""
+"""FLAIR #2 conversion: the fixture tree (defects named or skipped), a generated, well-formed zone,
+and the converted fixture feeding the loader built from configs/flair2.yaml with every preset input."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
+from maestro import config
+from maestro.data import build_loader
 from maestro.errors import DataError
 from shards import reader
 from shards.convert import convert, geotiff
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "flair2.yaml"
 
 
 def test_flair2_fixture_converts_and_names_its_defects(fixtures_dir, tmp_path):
@@ -23,11 +29,13 @@ def test_flair2_fixture_converts_and_names_its_defects(fixtures_dir, tmp_path):
     zone = root / "flair_aerial_train" / "D346_2018" / "Z12_IE"
     sen = np.load(root / "flair_sen_train/D346_2018/Z12_IE/sen/SEN2_sp_D346_2018_Z12_IE_data.npy")
     for s in reader.iter_split(str(tmp_path / "b" / "train")):
-        aerial = tifffile.imread(zone / "img" / f"{s.meta['id']}.tif")
-        np.testing.assert_array_equal(s.arrays["aerial"][0], aerial.transpose(2, 0, 1))
+        aerial = tifffile.imread(zone / "img" / f"{s.meta['id']}.tif").transpose(2, 0, 1)
+        np.testing.assert_array_equal(s.arrays["aerial"][0], aerial[:4])  # R, G, B, NIR
+        np.testing.assert_array_equal(s.arrays["dem"][0], aerial[4:])  # the nDSM band
+        assert s.dates["dem"].tolist() == s.dates["aerial"].tolist()
         label = tifffile.imread(root / f"flair_labels_train/D346_2018/Z12_IE/msk/MSK_{s.meta['id'][4:]}.tif")
         np.testing.assert_array_equal(s.targets["cosia"], label)
-        np.testing.assert_array_equal(s.arrays["s2"], sen[:, :, :40, :40])  # centroid (16, 16): edge window
+        np.testing.assert_array_equal(s.arrays["s2"], sen[:, :, 11:21, 11:21])  # centroid (16, 16)
         assert s.dates["s2"][0].tolist() == [2021, 105, 10]  # products glued on one line, still parsed
 
 
@@ -62,10 +70,33 @@ def test_flair2_generated_zone(tmp_path):
     (root / "flair_aerial_metadata.json").write_text(json.dumps(metadata))
     out = convert("flair2", root, str(tmp_path / "out"))
     got = list(reader.iter_split(str(tmp_path / "out" / "train")))
-    assert [s.meta["s2_window"] for s in got] == [[30, 25, 40], [60, 0, 40]]
-    np.testing.assert_array_equal(got[1].arrays["s2"], data[:, :, 60:100, 0:40])
-    assert got[0].arrays["s2"].dtype == np.uint16 and got[0].valid["s2"][2].mean() == 0.5
+    assert [s.meta["s2_window"] for s in got] == [[45, 40, 10], [90, 0, 10]]  # the second at the edges
+    np.testing.assert_array_equal(got[1].arrays["s2"], data[:, :, 90:100, 0:10])
+    assert got[0].arrays["s2"].dtype == np.uint16 and got[0].valid["s2"][2].mean() == 0.5  # rows 45-55
     assert got[0].dates["s2"][:, 1].tolist() == [70, 71, 72, 73, 74]
     assert got[0].meta["ref_date"] == [2020, 112, 0] and got[0].meta["crs"] == "EPSG:2154"
     assert got[0].meta["bounds"] == pytest.approx([840000, 6300000 - 12.8, 840000 + 12.8, 6300000])
     assert out["train"]["samples"] == 2
+
+
+def test_converted_fixture_feeds_every_input_of_the_flair2_config(fixtures_dir, tmp_path):
+    out = tmp_path / "shards"
+    convert("flair2", fixtures_dir / "flair2" / "FLAIR2", str(out), skip_bad=True)
+    tiny = [  # the fixture's 32-px aerial patches as the preset's 102.4 m tile, on one CPU worker
+        f"data.shards={out / 'train'}",
+        "data.modalities.aerial.resolution_m=3.2",
+        "data.modalities.dem.resolution_m=3.2",
+        "data.batch_size=2",
+        "data.workers=0",
+        "model.size=debug",
+        "model.inter_depth=1",
+        "run.workers=1",
+        "run.use_gpu=false",
+    ]
+    cfg = config.load(CONFIG, tiny)
+    assert cfg.data.dataset == "flair2" and list(cfg.derived.modalities) == ["aerial", "dem", "s2"]
+    batch = next(iter(build_loader(cfg)))
+    assert batch["aerial"].shape == (2, 1, 4, 32, 32)
+    assert batch["dem"].shape == (2, 1, 1, 32, 32)
+    assert batch["s2"].shape[:3] == (2, 16, 10) and batch["s2"].shape[3:] == (10, 10)
+    assert float(batch["dem"].max()) <= 1.0  # nDSM / 255

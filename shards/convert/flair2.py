@@ -1,12 +1,13 @@
 """FLAIR #2: zone folders of aerial patches with one Sentinel-2 super-patch per zone.
 
 Layout (datasets.md §4.3): `flair_aerial_train/D{ddd}_{YYYY}/Z{n}_{XX}/img/IMG_{id}.tif` (5 bands
-R,G,B,NIR,nDSM uint8; stored whole, the registry's `source_channels` pick R,G,B,NIR), labels
+R,G,B,NIR,nDSM uint8: R,G,B,NIR become `aerial`, the nDSM band the preset's one-band `dem`), labels
 `flair_labels_train/.../msk/MSK_{id}.tif`, `flair_sen_train/.../sen/SEN2_*_{data,masks}.npy`
 (T,10,H,W) and (T,2,H,W) snow/cloud probabilities, `SEN2_*_products.txt` (product names), and
 `flair-2_centroids_sp_to_patch.json` ({IMG: [row, col]} in super-patch pixels). Test folders are
-`flair_2_*_test`. Each sample gets the 40×40 S2 window centred on its centroid (shifted inside the
-super-patch at its edges), all dates kept. Dates come from the product names; the aerial date from
+`flair_2_*_test`. Each sample gets the S2 window of the preset's tile (10×10 pixels, the aerial
+patch's 102.4 m) centred on its centroid (shifted inside the super-patch at its edges), all dates
+kept, so the loader's crop grid lines S2 up with the aerial patch. Dates come from the product names; the aerial date from
 `flair_aerial_metadata.json` when present, else July 1 of the domain's year.
 """
 
@@ -21,13 +22,16 @@ from pathlib import Path
 import numpy as np
 
 from maestro.errors import DataError
+from maestro.modalities import pixels, preset
 from shards import valid
 from shards.convert import dates, geotiff
 from shards.schema import Sample, load_npy, sample_key
 
 PRESET = "flair2"
 FOLDERS = {"train": "flair_{}_train", "test": "flair_2_{}_test"}
-S2_WINDOW = 40
+CENTROIDS = "flair-2_centroids_sp_to_patch.json"
+S2_WINDOW = pixels(preset(PRESET).modalities["s2"], preset(PRESET).tile_m)
+NDSM_BAND = 4  # the 5th aerial band
 # Product names may run together on one line in some copies, so they are matched, not split by line.
 PRODUCT = re.compile(r"S2[A-D]_MSI\w{3}_\d{8}T\d{6}_N\d{4}_R\d{3}_T\w{5}_\d{8}T\d{6}")
 LICENCE = "Etalab Licence Ouverte 2.0 (FLAIR #2, IGN)"
@@ -42,6 +46,10 @@ class Item:
     @property
     def sample_id(self) -> str:
         return Path(self.image).stem
+
+
+def required(split: str) -> list[str]:
+    return [FOLDERS[split].format(k) for k in ("aerial", "labels", "sen")] + [CENTROIDS]
 
 
 def splits(root: Path) -> list[str]:
@@ -119,7 +127,7 @@ def read(item: Item) -> Sample:
     label = geotiff.read(msk, bands=1)[0][0]
     if label.shape != aerial.shape[1:]:
         raise DataError(f"{msk}: label {label.shape} does not match image {aerial.shape[1:]} of {img.name}")
-    centroids_path = item.root / "flair-2_centroids_sp_to_patch.json"
+    centroids_path = item.root / CENTROIDS
     centroid = _json(centroids_path).get(img.name)
     if centroid is None:
         raise DataError(f"{centroids_path}: no centroid for {img.name}")
@@ -127,7 +135,7 @@ def read(item: Item) -> Sample:
     rows = _window(int(centroid[0]), x.shape[2], sen_source)
     cols = _window(int(centroid[1]), x.shape[3], sen_source)
     ref, ref_from = _ref_date(item, zone)
-    arrays = {"aerial": aerial[None], "s2": x[:, :, rows, cols]}
+    arrays = {"aerial": aerial[None, :NDSM_BAND], "dem": aerial[None, NDSM_BAND:], "s2": x[:, :, rows, cols]}
     meta = {
         "id": item.sample_id,
         "split": item.split,
@@ -137,13 +145,18 @@ def read(item: Item) -> Sample:
         "bounds": bounds,
         "source": {"aerial": item.image, "labels": str(msk.relative_to(item.root)), "s2": sen_source},
         "s2_window": [rows.start, cols.start, S2_WINDOW],
-        "aerial_bands": ["red", "green", "blue", "nir", "ndsm"],
+        "aerial_bands": ["red", "green", "blue", "nir"],
+        "dem_from": f"band {NDSM_BAND + 1} (nDSM) of {img.name}",
         "licence": LICENCE,
     }
     return Sample(
         sample_key(item.sample_id),
         arrays,
-        {"aerial": np.array([dates.row(ref)], np.int16), "s2": when},
+        {
+            "aerial": np.array([dates.row(ref)], np.int16),
+            "dem": np.array([dates.row(ref)], np.int16),
+            "s2": when,
+        },
         {"s2": valid.from_cloud(masks[:, :, rows, cols], 0.0)},
         {"cosia": label},
         meta,

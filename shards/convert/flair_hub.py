@@ -60,6 +60,10 @@ def _csv(root: Path, split: str) -> Path | None:
     return found[0] if found else None
 
 
+def required(split: str) -> list[str]:
+    return ["GLOBAL_ALL_MTD"]
+
+
 def splits(root: Path) -> list[str]:
     return [s for s in SPLITS if _csv(root, s)]
 

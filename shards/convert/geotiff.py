@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,20 @@ from einops import rearrange
 from maestro.errors import DataError
 
 _USER_DEFINED = 32767
+
+
+class _NoGdalNodata(logging.Filter):
+    """Drops tifffile's "parsing GDAL_NODATA tag raised" warnings.
+
+    They say the file's nodata value (often -9999) cannot occur in its dtype (uint8, uint16), so
+    no pixel carries it; printed once per file and process, they only broke the progress bar.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "GDAL_NODATA" not in record.getMessage()
+
+
+logging.getLogger("tifffile").addFilter(_NoGdalNodata())
 
 
 def _crs(geo: dict[str, Any]) -> str | None:

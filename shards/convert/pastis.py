@@ -56,6 +56,10 @@ def _features(root: Path) -> list[dict]:
     return features
 
 
+def required(split: str) -> list[str]:
+    return ["metadata.geojson", "DATA_S2", "ANNOTATIONS"]
+
+
 def splits(root: Path) -> list[str]:
     return [f"fold{k}" for k in sorted({int(f["properties"]["Fold"]) for f in _features(root)})]
 

@@ -41,6 +41,10 @@ class Item:
         return Path(dict(self.row).get("aerial_name", f"{self.split}.csv line {self.line}")).stem
 
 
+def required(split: str) -> list[str]:
+    return [f"{split}.csv", "aerial", "sentinel-ts"]
+
+
 def splits(root: Path) -> list[str]:
     return [s for s in SPLITS if (root / f"{s}.csv").is_file()]
 
