@@ -52,10 +52,13 @@ def run(args: argparse.Namespace) -> int:
     log, url = RunLog(), ""
     try:
         with log:  # from here on, what the libraries print goes to the run's logs
+            from cluster import resources
             from cluster.launch import launch
             from maestro.train import preflight
             from maestro.train.loop import run_url
 
+            if not cfg.run.address:  # the machine first: what fits decides the rest
+                resources.check_local(cfg)
             preflight.check(cfg)
             url = run_url(cfg)  # reachable: the logs go there from now on
             for line in banner(cfg, url):

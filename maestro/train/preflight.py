@@ -28,12 +28,20 @@ def read_manifest(url: str) -> dict[str, Any]:
             url,
             "a shard folder or s3:// URL (make one with `maestro shards synth` or `convert`)",
         )
+    where = storage.join(url, "manifest.json")
     try:
-        manifest, _ = load_shards(url)
-    except DataError:
-        raise
+        found = storage.exists(where)
     except Exception as e:  # any transport or credential failure, named with the URL below
         raise DataError(f"cannot reach the shards at {url}: {e.__class__.__name__}: {e}") from e
+    if not found:
+        raise DataError(
+            f"no manifest at {where} (data.shards): point data.shards at a split folder written by "
+            "`maestro shards synth` or `maestro shards convert`"
+        )
+    try:
+        manifest, _ = load_shards(url)
+    except (AttributeError, KeyError, TypeError) as e:  # valid JSON, but not a manifest's shape
+        raise DataError(f"{where} is not a maestro manifest ({e.__class__.__name__}: {e})") from e
     return manifest
 
 
@@ -79,13 +87,13 @@ def check_samples(cfg: Config, manifest: dict[str, Any]) -> None:
     ranks, workers = cfg.run.workers, max(1, cfg.data.workers)
     if total < ranks * workers:
         most = total // ranks
+        limit = f"at most {most} loader worker(s) per rank" if most else f"at most {total} rank(s)"
         fix = f"data.workers={most}" if most else f"run.workers={total}"
         raise ConfigError(
             "data.workers",
             cfg.data.workers,
-            f"at most {most} loader worker(s) per rank: {cfg.data.shards} holds {total} samples and "
-            f"run.workers={ranks} × data.workers={workers} = {ranks * workers} readers each need one; "
-            f"use {fix}, or more samples",
+            f"{limit}: {cfg.data.shards} holds {total} samples and run.workers={ranks} × "
+            f"data.workers={workers} = {ranks * workers} readers each need one; use {fix}, or more samples",
         )
 
 
