@@ -51,3 +51,76 @@ def test_readme_commands_name_existing_files_and_valid_configs():
             config.load(Path(__file__).resolve().parents[1] / path, overrides)
         for name in re.findall(r"cluster/[\w.-]+", block):
             assert (CLUSTER.parent / name).exists(), name
+
+
+def test_cluster_launcher_copies_no_virtualenv_and_installs_nothing_per_node():
+    cfg = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    assert ".venv" in cfg["rsync_exclude"]
+    assert all(local != "." for local in cfg["file_mounts"].values())  # not the whole checkout
+    assert not cfg.get("setup_commands")  # the image holds maestro: no `make install` per node
+    assert (
+        cfg["docker"]["image"]
+        == yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]["headGroupSpec"][
+            "template"
+        ]["spec"]["containers"][0]["image"]
+    )
+    assert "RAY_AUTH_MODE=token" in " ".join(cfg["docker"]["run_options"])
+
+
+def test_dockerfile_installs_the_pins_and_keeps_flash_attn_optional():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert text.splitlines()[[line.startswith("FROM") for line in text.splitlines()].index(True)].startswith(
+        "FROM rayproject/ray:2.60.0"
+    )
+    assert "constraints.txt" in text and 'if [ "${FLASH_ATTN}" = 1 ]' in text
+    ignored = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+    readme = (CLUSTER / "README.md").read_text()
+    assert "docker build -f cluster/Dockerfile" in readme and "docker push" in readme
+    assert "kubectl delete rayjob" in readme  # how to resume a finished RayJob
+
+
+def test_rayjob_presents_rays_token_in_every_pod():
+    spec = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())["spec"]
+    pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"], spec["submitterPodTemplate"]]
+    pods += [g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert (
+            env["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+        )
+
+
+def test_payload_makes_local_paths_absolute_and_resolves_back(tmp_path, monkeypatch):
+    from cluster.launch import payload
+
+    monkeypatch.chdir(tmp_path)
+    demo = Path(__file__).resolve().parents[1] / "configs/demo.yaml"
+    cfg = config.load(demo, ["run.workers=auto", "run.storage=s3://bucket/runs"])
+    raw = payload(cfg)["config"]
+    assert raw["data"]["shards"] == str(tmp_path / ".demo/shards/train")
+    assert raw["run"]["storage"] == "s3://bucket/runs"
+    assert raw["run"]["workers"] == cfg.run.workers  # auto resolved on the driver, not per worker
+    assert config.dump(config.from_dict(raw)) == config.dump(cfg).replace(
+        ".demo/shards/train", str(tmp_path / ".demo/shards/train")
+    )
+
+
+def test_the_workers_own_error_is_found_under_rays_wrappers():
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from cluster.launch import root_cause
+    from maestro.errors import ConfigError
+
+    error = ConfigError("data.inputs", "dem", "modalities stored in the shards")
+    wrapped = WorkerGroupError(
+        "worker 1 failed",
+        {
+            0: RuntimeError("gloo: connection reset by peer"),
+            1: UserExceptionWithTraceback(error, "Traceback ..."),
+        },
+    )
+    assert root_cause(wrapped) is error
+    plain = WorkerGroupError("w", {0: UserExceptionWithTraceback(ValueError("boom"), "Traceback ...")})
+    assert isinstance(root_cause(plain), ValueError)
