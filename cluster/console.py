@@ -29,6 +29,7 @@ class RunLog:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="maestro-log-"))
         self._saved: dict[int, int] = {}
+        self._streams: tuple[TextIO, TextIO] | None = None
         self._terminal: TextIO | None = None
         self._lock = threading.Lock()
 
@@ -41,6 +42,10 @@ class RunLog:
             self._saved[fd] = os.dup(fd)
             os.dup2(log, fd)
         os.close(log)
+        # Python's own streams too, wherever they pointed (a test's capture, a wrapper)
+        self._streams = sys.stdout, sys.stderr
+        sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+        sys.stderr = os.fdopen(os.dup(2), "w", buffering=1)
         return self
 
     def say(self, line: str) -> None:
@@ -56,6 +61,9 @@ class RunLog:
     def __exit__(self, *exc: Any) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        if self._streams is not None:  # not closed: loggers set up meanwhile keep writing to the log
+            sys.stdout, sys.stderr = self._streams
+            self._streams = None
         for fd, saved in self._saved.items():
             os.dup2(saved, fd)
             os.close(saved)

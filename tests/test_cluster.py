@@ -124,3 +124,59 @@ def test_the_workers_own_error_is_found_under_rays_wrappers():
     assert root_cause(wrapped) is error
     plain = WorkerGroupError("w", {0: UserExceptionWithTraceback(ValueError("boom"), "Traceback ...")})
     assert isinstance(root_cause(plain), ValueError)
+
+
+def test_first_ctrl_c_asks_for_a_checkpoint_and_the_second_stops_the_driver(tmp_path):
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    from cluster.launch import _DriverStop
+
+    said, stop = [], tmp_path / "STOP"
+    with pytest.raises(KeyboardInterrupt), _DriverStop(str(stop), said.append):
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the KeyboardInterrupt arrives here
+    assert stop.read_text().startswith("stop requested") and said[0].startswith("stopping:")
+
+
+def test_the_terminal_gets_maestros_lines_and_the_log_everything(tmp_path, capfd):
+    import os
+    import sys
+
+    from cluster.console import RunLog
+
+    log = RunLog()
+    with log:
+        log.say("maestro pretrain: run X")
+        print("\x1b[33mray noise\x1b[0m")
+        print("torch FutureWarning", file=sys.stderr)
+        os.write(1, b"a C++ service line\n")
+    out, err = capfd.readouterr()
+    assert out == "maestro pretrain: run X\n" and err == ""
+    where = log.keep(str(tmp_path / "run"))
+    text = (tmp_path / "run" / "logs" / "driver.log").read_text()
+    assert where == str(tmp_path / "run" / "logs") and not log.dir.exists()
+    for line in ("maestro pretrain: run X", "ray noise", "torch FutureWarning", "a C++ service line"):
+        assert line in text
+
+
+def test_rank_zero_lines_are_forwarded_whole():
+    import queue
+    import sys
+
+    from cluster.console import forward_stdout
+
+    lines: queue.Queue = queue.Queue()
+    with forward_stdout(lines, rank=0):
+        sys.stdout.write("step 10/20  loss")
+        sys.stdout.write(" 0.5\nresumed from X\n")
+    with forward_stdout(lines, rank=1):
+        print("rank 1 says")
+    assert [lines.get_nowait() for _ in range(lines.qsize())] == ["step 10/20  loss 0.5", "resumed from X"]

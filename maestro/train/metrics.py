@@ -2,7 +2,8 @@
 
 Per-step values (losses, non-finite flags) are added to device tensors without any host
 synchronization; at each log step `Interval.reduce` all-reduces them across ranks (two small
-collectives) and brings them to the host once. Rank 0 writes the TensorBoard names of DESIGN.md.
+collectives) and brings them to the host once. Rank 0 writes the TensorBoard names listed in
+cluster/README.md ("Watch TensorBoard").
 
 MFU = achieved model FLOP/s ÷ peak FLOP/s of the devices. Model FLOPs per sample are the forward
 FLOPs of `maestro info` (encoder on visible tokens, decoder on all tokens) times 3 for forward and
