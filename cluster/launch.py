@@ -242,8 +242,17 @@ def _keep_ray_logs(temp_dir: str, into: Path) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _run(cfg: Config, train_fn: Callable[[dict], None], log: RunLog, started: bool, ray_dir: str,
-         error_url: str, stop_url: str) -> None:  # fmt: skip
+def _files(cfg: Config) -> tuple[str, str, str]:
+    """The run's STOP, summary and error files."""
+    url = loop.run_url(cfg)
+    return (
+        storage.join(url, loop.STOP_FILE),
+        storage.join(url, loop.SUMMARY_FILE),
+        storage.join(url, ERROR_FILE),
+    )
+
+
+def _run(cfg: Config, train_fn: Callable[[dict], None], log: RunLog, started: bool, ray_dir: str) -> None:
     """Start or join Ray, check the resources, fit; a failure is raised as the workers' own error."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
@@ -251,6 +260,7 @@ def _run(cfg: Config, train_fn: Callable[[dict], None], log: RunLog, started: bo
     from ray.util.queue import Queue
 
     gpu, r = config.uses_gpu(cfg), cfg.run
+    stop_url, _, error_url = _files(cfg)
     try:
         if ray_dir:
             resources.check_local(cfg)
@@ -312,16 +322,14 @@ def launch(
 def _launch(cfg: Config, train_fn: Callable[[dict], None], log: RunLog) -> dict[str, Any]:
     import ray
 
-    r, url = cfg.run, loop.run_url(cfg)
-    stop_url, summary_url, error_url = (
-        storage.join(url, f) for f in (loop.STOP_FILE, loop.SUMMARY_FILE, ERROR_FILE)
-    )
-    for stale in (stop_url, summary_url, error_url):
+    files = _files(cfg)
+    for stale in files:
         if storage.exists(stale):
             storage.remove(stale)
+    _, summary_url, error_url = files
     started = not ray.is_initialized()
-    ray_dir = tempfile.mkdtemp(prefix="ray-") if started and not r.address else ""
-    _run(cfg, train_fn, log, started, ray_dir, error_url, stop_url)
+    ray_dir = tempfile.mkdtemp(prefix="ray-") if started and not cfg.run.address else ""
+    _run(cfg, train_fn, log, started, ray_dir)
     failed = recorded_error(error_url)
     if failed is not None:
         raise failed
