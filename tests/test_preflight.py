@@ -38,7 +38,7 @@ def test_a_split_that_fits_passes(split, tmp_path):
 
 
 def test_missing_and_invalid_manifests_fail_naming_the_file(split, tmp_path):
-    with pytest.raises(DataError, match=f"{tmp_path}/nowhere/manifest.json"):
+    with pytest.raises(DataError, match=f"no manifest.json at {tmp_path}/nowhere"):
         preflight.check(_cfg(f"{tmp_path}/nowhere", tmp_path))
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -35,7 +35,7 @@ def read_manifest(url: str) -> dict[str, Any]:
         raise DataError(f"cannot reach the shards at {url}: {e.__class__.__name__}: {e}") from e
     if not found:
         raise DataError(
-            f"no manifest at {where} (data.shards): point data.shards at a split folder written by "
+            f"no manifest.json at {url} (data.shards): point data.shards at a split folder written by "
             "`maestro shards synth` or `maestro shards convert`"
         )
     try:
