@@ -8,7 +8,7 @@ Ray, runs `TorchTrainer` with `run.workers` workers (one GPU each with `run.use_
 restarts the whole worker group after a crash; the restarted workers resume from the newest
 complete checkpoint, as does a later `maestro pretrain` of the same run name.
 
-A local Ray binds every service to 127.0.0.1 (`start_local_ray`) and uses Ray's token
+A local Ray binds every service to 127.0.0.1 (`maestro.local_ray`) and uses Ray's token
 authentication (on by default in Ray 2.60). Only maestro's lines reach the terminal (`console`):
 Ray's and the libraries' output goes to `RUN/logs`.
 
@@ -38,16 +38,13 @@ from typing import Any
 
 from cluster import resources
 from cluster.console import LOG_DIR, RunLog, forward_stdout
-from maestro import config, errors, storage
+from maestro import config, errors, local_ray, storage
 from maestro.config import Config
 from maestro.errors import MaestroError
 from maestro.train import loop
 
 OBJECT_STORE_BYTES = 512 * 2**20  # checkpoints go to storage, not the object store
 ERROR_FILE = "error.json"
-# Ray's single-machine mode (the macOS/Windows default): the node's address is 127.0.0.1, so the
-# GCS, raylet, object manager and workers listen on the loopback interface only.
-LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def payload(cfg: Config) -> dict[str, Any]:
@@ -179,19 +176,9 @@ def _fit_off_main_thread(trainer: Any) -> None:
 
 
 def start_local_ray(num_cpus: int, num_gpus: int, temp_dir: str) -> None:
-    """A local Ray whose services listen on 127.0.0.1 only, its logs under `temp_dir`."""
-    import ray
-    import ray._private.ray_constants as ray_constants
-
-    os.environ[LOCAL_ONLY_ENV] = "0"  # read when Ray is imported, here and in its child processes
-    ray_constants.ENABLE_RAY_CLUSTER = False  # and where Ray was imported before
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        object_store_memory=OBJECT_STORE_BYTES,
-        log_to_driver=False,
-        _temp_dir=temp_dir,
+    """A local Ray on 127.0.0.1 only (`maestro.local_ray`), its logs under `temp_dir`, none to the driver."""
+    local_ray.start(
+        num_cpus, num_gpus, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False, _temp_dir=temp_dir
     )
 
 
