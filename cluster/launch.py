@@ -1,11 +1,22 @@
 """Launch pretraining on Ray Train: the embedded local default or a Ray cluster at `run.address`.
 
-`launch(cfg)` starts (or joins) Ray, runs `TorchTrainer` with `run.workers` workers (one GPU each
-with `run.use_gpu`, `run.cpus_per_worker` CPUs each; NCCL on GPUs, gloo on CPU), passes the config
-only through `train_loop_config`, and stores Ray's run state beside the checkpoints in
+`launch(cfg)` checks that the run fits the machine or cluster (`resources`), starts (or joins)
+Ray, runs `TorchTrainer` with `run.workers` workers (one GPU each with `run.use_gpu`,
+`run.cpus_per_worker` CPUs each; NCCL on GPUs, gloo on CPU), passes the config only through
+`train_loop_config`, and stores Ray's run state beside the checkpoints in
 `RunConfig(storage_path=run.storage, name=run.name)`. `FailureConfig(max_failures=run.max_failures)`
 restarts the whole worker group after a crash; the restarted workers resume from the newest
 complete checkpoint, as does a later `maestro pretrain` of the same run name.
+
+A local Ray binds every service to 127.0.0.1 (`maestro.local_ray`) and uses Ray's token
+authentication (on by default in Ray 2.60). Only maestro's lines reach the terminal (`console`):
+Ray's and the libraries' output goes to `RUN/logs`.
+
+Errors that would repeat are not retried: a worker raising a `MaestroError` (a bad config,
+shard, checkpoint) records it in `RUN/error.json` before failing; the workers Ray restarts find
+it and return at once, and the driver raises that error with its own message. Any other failure
+is retried up to `run.max_failures` times and then reported as one line naming the worker's
+exception.
 
 Ctrl-C or SIGTERM on the driver writes `RUN/STOP`: the workers notice it at their next log step,
 write a final checkpoint and return. A second signal aborts. (`fit` runs off the main thread so
@@ -15,23 +26,81 @@ that Ray's own SIGINT handler, which aborts the workers at once, stays out of th
 from __future__ import annotations
 
 import json
+import os
+import queue as queue_module
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from maestro import config, storage
+from cluster import resources
+from cluster.console import LOG_DIR, RunLog, forward_stdout
+from maestro import config, errors, local_ray, storage
 from maestro.config import Config
-from maestro.train.loop import STOP_FILE, SUMMARY_FILE, Diverged, payload, run_url, worker_entry
+from maestro.errors import MaestroError
+from maestro.train import loop
 
 OBJECT_STORE_BYTES = 512 * 2**20  # checkpoints go to storage, not the object store
+ERROR_FILE = "error.json"
+
+
+def payload(cfg: Config) -> dict[str, Any]:
+    """The config as plain data for `train_loop_config` (resolved again on each worker).
+
+    Local paths become absolute: Ray workers run in their own working directories.
+    """
+    raw = {k: v for k, v in cfg.to_dict().items() if k != "derived"}
+    for section, key in (("data", "shards"), ("run", "storage")):
+        value = raw[section][key]
+        if value and "://" not in value:
+            raw[section][key] = os.path.abspath(value)
+    return {"config": raw}
+
+
+def record_error(url: str, error: MaestroError) -> None:
+    storage.write_bytes(url, json.dumps({"error": type(error).__name__, "message": str(error)}).encode())
+
+
+def recorded_error(url: str) -> MaestroError | None:
+    if not storage.exists(url):
+        return None
+    report = json.loads(storage.read_bytes(url))
+    return errors.by_name(report["error"], report["message"])
+
+
+def worker_entry(loop_config: dict[str, Any], on_step: Callable[[int, Any], None] | None = None) -> None:
+    """The Ray Train worker function.
+
+    Divergence ends the worker normally (its summary says so): a restart from the last
+    checkpoint would only diverge again. A `MaestroError` is recorded for the driver and raised;
+    a restarted worker that finds it recorded returns at once instead of failing the same way.
+    """
+    import ray.train
+
+    error_url = loop_config.get("error_url")
+    if error_url and storage.exists(error_url):
+        return
+    rank = ray.train.get_context().get_world_rank()
+    try:
+        cfg = config.from_dict(loop_config["config"])
+        with forward_stdout(loop_config.get("console"), rank):
+            loop.train(cfg, on_step)
+    except loop.Diverged:
+        return
+    except MaestroError as e:
+        if error_url:
+            record_error(error_url, e)
+        raise
 
 
 class _DriverStop:
     """First SIGINT/SIGTERM: ask the workers to checkpoint and stop; second: abort."""
 
-    def __init__(self, stop_url: str):
-        self.stop_url = stop_url
+    def __init__(self, stop_url: str, say: Callable[[str], None]):
+        self.stop_url, self.say = stop_url, say
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _DriverStop:
@@ -46,12 +115,8 @@ class _DriverStop:
         threading.Thread(target=self._write_stop, daemon=True).start()
 
     def _write_stop(self) -> None:
-        fs, path = storage.url_to_fs(self.stop_url)
-        fs.pipe_file(path, b"stop requested by the driver\n")
-        print(
-            "stopping: the workers write a checkpoint at their next log step (signal again to abort)",
-            flush=True,
-        )
+        storage.write_bytes(self.stop_url, b"stop requested by the driver\n")
+        self.say("stopping: the workers write a checkpoint at their next log step (Ctrl-C again to abort)")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._old.items():
@@ -59,10 +124,36 @@ class _DriverStop:
         self._old = {}
 
 
-def _remove(url: str) -> None:
-    fs, path = storage.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path)
+class _Relay:
+    """Rank 0's lines, from the workers' queue to the terminal, while `fit` runs."""
+
+    def __init__(self, lines: Any, say: Callable[[str], None]):
+        self.lines, self.say = lines, say
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="maestro-relay", daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self._drain(timeout=0.5)
+
+    def _drain(self, timeout: float | None) -> None:
+        from ray.util.queue import Empty
+
+        try:
+            while True:
+                line = self.lines.get(timeout=timeout) if timeout else self.lines.get_nowait()
+                self.say(line)
+        except (Empty, queue_module.Empty):
+            return
+
+    def __enter__(self) -> _Relay:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self._thread.join()
+        self._drain(timeout=None)
 
 
 def _fit_off_main_thread(trainer: Any) -> None:
@@ -84,49 +175,152 @@ def _fit_off_main_thread(trainer: Any) -> None:
         raise failure[0]
 
 
-def launch(cfg: Config, train_fn: Callable[[dict], None] = worker_entry) -> dict[str, Any]:
-    """Run (or resume) the run of `cfg` on Ray Train; returns rank 0's final summary.
-
-    `trainer.fit()` raises Ray's `TrainingFailedError` once `run.max_failures` restarts are spent.
-    """
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    gpu = config.uses_gpu(cfg)
-    r = cfg.run
-    started = not ray.is_initialized()
-    if started and r.address:
-        ray.init(address=r.address)
-    elif started:
-        ray.init(
-            num_cpus=r.workers * r.cpus_per_worker,
-            include_dashboard=False,
-            object_store_memory=OBJECT_STORE_BYTES,
-        )
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if gpu else {})}
-    trainer = TorchTrainer(
-        train_fn,
-        train_loop_config=payload(cfg),
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=r.name,
-            storage_path=storage.absolute(r.storage),
-            failure_config=FailureConfig(max_failures=r.max_failures),
-        ),
+def start_local_ray(num_cpus: int, num_gpus: int, temp_dir: str) -> None:
+    """A local Ray on 127.0.0.1 only (`maestro.local_ray`), its logs under `temp_dir`, none to the driver."""
+    local_ray.start(
+        num_cpus, num_gpus, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False, _temp_dir=temp_dir
     )
-    stop_url, summary_url = f"{run_url(cfg)}/{STOP_FILE}", f"{run_url(cfg)}/{SUMMARY_FILE}"
-    _remove(stop_url)
-    _remove(summary_url)
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception a worker raised, under Ray's wrappers (TrainingFailedError, WorkerGroupError,
+    the traceback wrapper, RayTaskError): the first maestro error found, else the innermost one."""
+    pending, seen, leaf = [error], set(), error
+    while pending:
+        e = pending.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        failures = getattr(e, "worker_failures", None) or {}
+        inner = [failures[r] for r in sorted(failures)]
+        inner += [getattr(e, a, None) for a in ("_base_exc", "controller_failure", "cause")]
+        inner = [x for x in inner if isinstance(x, BaseException)]
+        if not inner and e.__cause__ is not None:
+            inner = [e.__cause__]
+        if inner:
+            pending.extend(inner)
+            continue
+        if isinstance(e, MaestroError):
+            return e
+        if leaf is error:
+            leaf = e
+    return leaf
+
+
+def _failure(error: BaseException, cfg: Config, logs: str) -> MaestroError:
+    cause = root_cause(error)
+    if isinstance(cause, MaestroError):
+        return errors.by_name(type(cause).__name__, str(cause))
+    text = (str(cause).strip().splitlines() or [""])[0]
+    return errors.RunFailed(
+        f"the workers failed ({type(cause).__name__}: {text}) after run.max_failures={cfg.run.max_failures} "
+        f"restart(s); the workers' logs are in {logs}"
+    )
+
+
+def _keep_ray_logs(temp_dir: str, into: Path) -> None:
+    """Ray's log files of a local run (services and workers) beside the driver's."""
+    logs = Path(temp_dir) / "session_latest" / "logs"
+    if logs.is_dir():
+        into.mkdir(parents=True, exist_ok=True)
+        for f in logs.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, into / f.name)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _files(cfg: Config) -> tuple[str, str, str]:
+    """The run's STOP, summary and error files."""
+    url = loop.run_url(cfg)
+    return (
+        storage.join(url, loop.STOP_FILE),
+        storage.join(url, loop.SUMMARY_FILE),
+        storage.join(url, ERROR_FILE),
+    )
+
+
+def _run(cfg: Config, train_fn: Callable[[dict], None], log: RunLog, started: bool, ray_dir: str) -> None:
+    """Start or join Ray, check the resources, fit; a failure is raised as the workers' own error."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    gpu, r = config.uses_gpu(cfg), cfg.run
+    stop_url, _, error_url = _files(cfg)
     try:
-        with _DriverStop(stop_url):
-            _fit_off_main_thread(trainer)
+        if ray_dir:
+            resources.check_local(cfg)
+            start_local_ray(r.workers * r.cpus_per_worker, r.workers if gpu else 0, ray_dir)
+        elif started:
+            ray.init(address=r.address, log_to_driver=False)
+        if not ray_dir:
+            resources.check_cluster(cfg, log.say)
+        lines = Queue(actor_options={"num_cpus": 0})
+        trainer = TorchTrainer(
+            train_fn,
+            train_loop_config={**payload(cfg), "error_url": error_url, "console": lines},
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=r.workers,
+                use_gpu=gpu,
+                resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+            ),
+            run_config=RunConfig(
+                name=r.name,
+                storage_path=storage.absolute(r.storage),
+                failure_config=FailureConfig(max_failures=r.max_failures),
+            ),
+        )
+        try:
+            with _DriverStop(stop_url, log.say), _Relay(lines, log.say):
+                _fit_off_main_thread(trainer)
+        except TrainingFailedError as e:
+            logs = storage.join(loop.run_url(cfg), LOG_DIR)
+            raise (recorded_error(error_url) or _failure(e, cfg, logs)) from None
+        finally:
+            lines.shutdown()
     finally:
         if started:
             ray.shutdown()
-    fs, path = storage.url_to_fs(summary_url)
-    summary = json.loads(fs.cat_file(path))
+        if ray_dir:
+            _keep_ray_logs(ray_dir, log.dir / "ray")
+
+
+def launch(
+    cfg: Config, train_fn: Callable[[dict], None] = worker_entry, log: RunLog | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the run of `cfg` on Ray Train; returns rank 0's final summary.
+
+    `log`: the caller's `RunLog` (already entered, kept by the caller); by default one of its own,
+    kept in `RUN/logs`. Raises the workers' own `MaestroError`, or `RunFailed` once
+    `run.max_failures` restarts are spent.
+    """
+    if log is not None:
+        return _launch(cfg, train_fn, log)
+    log = RunLog()
+    try:
+        with log:
+            return _launch(cfg, train_fn, log)
+    finally:
+        log.keep(loop.run_url(cfg))
+
+
+def _launch(cfg: Config, train_fn: Callable[[dict], None], log: RunLog) -> dict[str, Any]:
+    import ray
+
+    files = _files(cfg)
+    for stale in files:
+        if storage.exists(stale):
+            storage.remove(stale)
+    _, summary_url, error_url = files
+    started = not ray.is_initialized()
+    ray_dir = tempfile.mkdtemp(prefix="ray-") if started and not cfg.run.address else ""
+    _run(cfg, train_fn, log, started, ray_dir)
+    failed = recorded_error(error_url)
+    if failed is not None:
+        raise failed
+    summary = json.loads(storage.read_bytes(summary_url))
     if "diverged" in summary:
-        raise Diverged(summary["diverged"])
+        raise loop.Diverged(summary["diverged"])
     return summary

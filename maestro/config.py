@@ -105,11 +105,12 @@ class TrainConfig:
 class RunConfig:
     name: str = "maestro"
     storage: str = "runs"  # local folder or s3://bucket/prefix
-    workers: int = 1
+    workers: int | Literal["auto"] = 1  # auto: this machine's GPUs (use_gpu) or CPU cores, for local runs
     use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_worker: int = 1
     address: str = ""  # Ray cluster address; empty: start Ray locally
     max_failures: int = 3
+    resource_wait_s: float = 0.0  # on a cluster: how long to wait for nodes (autoscaling) before failing
 
 
 @dataclass
@@ -287,20 +288,37 @@ def from_dict(raw: dict[str, Any], overrides: typing.Sequence[str] = ()) -> Conf
     return resolve(cfg)
 
 
+def is_overlay(text: str) -> bool:
+    """An override that names a YAML file (`configs/local.yaml`) instead of `section.key=value`."""
+    return "=" not in text and text.endswith((".yaml", ".yml"))
+
+
+def read_delta(path: str | Path) -> dict[str, Any]:
+    """One YAML delta file as a plain mapping; ConfigError names the file when it is not one."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("CONFIG", str(path), "an existing YAML file (see configs/)")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), "<file>", f"valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), raw, "a mapping of sections")
+    return raw
+
+
 def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Load a YAML delta file (or only defaults when `path` is None), apply overrides, resolve."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("CONFIG", str(path), "an existing YAML file (see configs/)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(str(path), "<file>", f"valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(str(path), raw, "a mapping of sections")
-    return from_dict(raw, overrides)
+    """Load a YAML delta file (or only defaults when `path` is None), apply overrides, resolve.
+
+    An override naming a YAML file is an overlay: its deltas apply on top of the file's (in the
+    order given), and the `section.key=value` overrides on top of all files
+    (`maestro pretrain configs/treesatai_ts.yaml configs/local.yaml run.name=try`).
+    """
+    raw: dict[str, Any] = {} if path is None else read_delta(path)
+    for text in overrides:
+        if is_overlay(text):
+            raw = _merge(raw, read_delta(text))
+    return from_dict(raw, [t for t in overrides if not is_overlay(t)])
 
 
 # --- resolve: cross-field checks and derived values --------------------------------------------
@@ -398,6 +416,27 @@ def uses_gpu(cfg: Config) -> bool:
     return torch.cuda.is_available()
 
 
+def _auto_workers(cfg: Config) -> int:
+    """`run.workers=auto`: one worker per local GPU with GPUs, else one per `run.cpus_per_worker` cores."""
+    from maestro import machine
+
+    r = cfg.run
+    _check(
+        not r.address,
+        "run.workers",
+        "auto",
+        "a number of workers when joining a Ray cluster (run.address); auto counts this machine's GPUs or cores",
+    )
+    count = machine.gpus() if uses_gpu(cfg) else machine.cpus() // r.cpus_per_worker
+    _check(
+        count >= 1,
+        "run.workers",
+        "auto",
+        f"a machine with a GPU (run.use_gpu={r.use_gpu}), or run.use_gpu=false",
+    )
+    return count
+
+
 def resolve(cfg: Config) -> Config:
     """Validate values against each other and compute the derived values."""
     m, mk, o, t, r, dc = cfg.model, cfg.mask, cfg.optim, cfg.train, cfg.run, cfg.data
@@ -447,7 +486,12 @@ def resolve(cfg: Config) -> Config:
         dc.token_budget,
         "0 (padded batches) or a positive token count",
     )
+    if r.workers == "auto":
+        r.workers = _auto_workers(cfg)
     _check(r.workers >= 1, "run.workers", r.workers, "an integer >= 1")
+    _check(
+        r.resource_wait_s >= 0, "run.resource_wait_s", r.resource_wait_s, "a non-negative number of seconds"
+    )
     _check(r.cpus_per_worker >= 1, "run.cpus_per_worker", r.cpus_per_worker, "an integer >= 1")
     _check(r.max_failures >= 0, "run.max_failures", r.max_failures, "an integer >= 0")
     _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")

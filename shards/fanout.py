@@ -272,7 +272,9 @@ def ray_session(address: str, cpus: int) -> Iterator[None]:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        from maestro import local_ray
+
+        local_ray.start(cpus, log_to_driver=False)
     try:
         yield
     finally:

@@ -1,7 +1,8 @@
-"""Pretraining through Ray Train with 2 local workers on gloo: ZeRO 1/2/3, a killed worker, S3 storage.
+"""Pretraining through Ray Train with 2 local workers on gloo: ZeRO 1/2/3, a killed worker, S3
+storage, a worker's maestro error, a local Ray bound to 127.0.0.1, the terminal of a whole command.
 
-Each `launch` costs about 17 s of Ray start-up on a 2-core machine, so the runs are few and short:
-the tiny preset with smaller aerial tiles and fewer dates.
+Each `launch` costs several seconds of worker start-up on a 2-core machine, so the runs are few
+and short: the debug model size with smaller aerial tiles and fewer dates.
 """
 
 from __future__ import annotations
@@ -10,21 +11,26 @@ import functools
 import os
 import shutil
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from cluster.launch import launch
+from cluster.launch import launch, start_local_ray, worker_entry
 from maestro import config
-from maestro.errors import CheckpointError
+from maestro.errors import CheckpointError, ConfigError
 from maestro.parallel.deepspeed import safe_load
 from maestro.train import checkpoint, optim
-from maestro.train.loop import train, worker_entry
+from maestro.train.loop import train
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
+    "model.size=debug",
+    "model.inter_depth=1",
     "data.modalities.aerial.image_size=60",
     "data.modalities.s2.num_dates=4",
     "data.modalities.s1_asc.num_dates=2",
@@ -55,15 +61,32 @@ METRICS = [
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_endpoint):
-    """One local Ray for the module (started after the S3 variables are set, so workers inherit them)."""
+def ray_local(s3_endpoint, tmp_path_factory):
+    """One local Ray for the module, started as `maestro pretrain` starts it (after the S3
+    variables are set, so workers inherit them)."""
     import ray
     import ray.cloudpickle
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20)
+    start_local_ray(2, 0, str(tmp_path_factory.mktemp("ray")))
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test hooks below
     yield
     ray.shutdown()
+
+
+def test_local_ray_listens_on_the_loopback_interface_only(ray_local):
+    import psutil
+
+    found = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.setdefault(proc.name(), set()).add(conn.laddr.ip)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    assert {"gcs_server", "raylet"} <= set(found), found  # the services the check must see
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    assert all(ips <= loopback for ips in found.values()), found
 
 
 def _archive(url: str) -> str:
@@ -206,3 +229,53 @@ def test_stopped_run_resumes_by_name_with_shards_and_checkpoints_on_s3(ray_local
     # The learning rate continues the one-cycle schedule instead of restarting it.
     expected = _schedule(cfg)
     assert ev["train/lr"] == pytest.approx({s: expected[s] for s in ev["train/lr"]})
+
+
+class RaiseOnce:
+    """Rank 1 raises a ConfigError after `step`, counting its calls in a file (one line per raise)."""
+
+    def __init__(self, tally: str, step: int):
+        self.tally, self.step = tally, step
+
+    def __call__(self, step: int, engine) -> None:
+        if step == self.step and torch.distributed.get_rank() == 1:
+            with open(self.tally, "a") as f:
+                f.write("raised\n")
+            raise ConfigError("data.inputs", "dem", "modalities stored in the shards (['aerial', 's2'])")
+
+
+def test_worker_config_error_ends_the_run_at_once_with_its_message(ray_local, archive, tmp_path):
+    """A maestro error in a worker reaches the driver whole (it pickles) and is not retried: the
+    restarted workers find it recorded and return, though run.max_failures would allow 3 restarts."""
+    tally = str(tmp_path / "tally")
+    cfg = _cfg(
+        archive, str(tmp_path), "bad", "train.steps=4", "train.checkpoint_every=4", "run.max_failures=3"
+    )
+    with pytest.raises(ConfigError) as info:
+        launch(cfg, functools.partial(worker_entry, on_step=RaiseOnce(tally, step=1)))
+    assert str(info.value) == (
+        "config key 'data.inputs': got 'dem'; expected modalities stored in the shards (['aerial', 's2'])"
+    )
+    assert Path(tally).read_text().count("raised") == 1
+    assert (tmp_path / "bad" / "logs" / "driver.log").exists()
+
+
+def test_a_short_pretrain_prints_a_quiet_terminal(archive, tmp_path):
+    """`maestro pretrain` (its own local Ray), 20 steps on one worker: the banner (which says the
+    stage that runs: 0 on one worker), progress and the summary, no colour codes, at most 15 lines;
+    the libraries' output is in RUN/logs."""
+    cmd = [sys.executable, "-m", "maestro.cli", "pretrain", "configs/demo.yaml", *SMALL, "run.workers=1",
+           f"data.shards={archive}", f"run.storage={tmp_path}", "run.name=quiet", "train.steps=20",
+           "train.log_every=10", "train.checkpoint_every=20", "train.image_every=20"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    assert len(lines) <= 15, "\n".join(lines)
+    assert lines[0] == f"maestro pretrain: run {tmp_path}/quiet"
+    assert any("ZeRO 0, fp32" in line for line in lines), lines
+    assert [line.split()[1] for line in lines if line.startswith("step ")] == ["10/20", "20/20"]
+    assert lines[-1].startswith("finished at step 20")
+    assert "\x1b[" not in out.stdout + out.stderr
+    logs = tmp_path / "quiet" / "logs"
+    assert "Started a local Ray instance" in (logs / "driver.log").read_text()
+    assert any(p.name.startswith("worker-") for p in (logs / "ray").iterdir())

@@ -14,7 +14,6 @@ resumed run draws the masks the uninterrupted one would have.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -419,29 +418,3 @@ def train(cfg: Config, on_step: Callable[[int, Any], None] | None = None) -> dic
         return summary
     finally:
         dist.shutdown()
-
-
-def payload(cfg: Config) -> dict[str, Any]:
-    """The config as plain data for `train_loop_config` (resolved again on each worker).
-
-    Local paths become absolute: Ray workers run in their own working directories.
-    """
-    raw = {k: v for k, v in cfg.to_dict().items() if k != "derived"}
-    for section, key in (("data", "shards"), ("run", "storage")):
-        value = raw[section][key]
-        if value and "://" not in value:
-            raw[section][key] = os.path.abspath(value)
-    return {"config": raw}
-
-
-def worker_entry(loop_config: dict[str, Any], on_step: Callable[[int, Any], None] | None = None) -> None:
-    """The Ray Train worker function.
-
-    Divergence ends the worker normally (its summary says so): a restart from the last
-    checkpoint would only diverge again.
-    """
-    cfg = config.from_dict(loop_config["config"])
-    try:
-        train(cfg, on_step)
-    except Diverged:
-        return

@@ -1,12 +1,16 @@
-"""Checks made on the driver before any worker starts: the shards and the run storage are reachable.
+"""Checks made on the driver before any worker starts: the shards fit the config, the run storage
+is writable.
 
-A wrong bucket, endpoint or prefix then fails in seconds with the URL, instead of in every worker
-after Ray has started them.
+A wrong bucket, endpoint or prefix, a missing or invalid manifest, an input the shards do not
+hold, rasters too small for the crops, or too few samples for the ranks and loader workers then
+fail in seconds with one line naming the URL or key, instead of in every worker after Ray has
+started them (and again in every restart).
 """
 
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from maestro import storage
 from maestro.config import Config
@@ -14,17 +18,19 @@ from maestro.errors import CheckpointError, ConfigError, DataError
 from maestro.train.loop import run_url
 
 
-def check_shards(url: str) -> None:
+def read_manifest(url: str) -> dict[str, Any]:
+    """The split's manifest, checked against the shards its folder holds (`load_shards`)."""
+    from maestro.data.plan import load_shards
+
     if not url:
         raise ConfigError(
             "data.shards",
             url,
             "a shard folder or s3:// URL (make one with `maestro shards synth` or `convert`)",
         )
-    manifest = f"{url.rstrip('/')}/manifest.json"
+    where = storage.join(url, "manifest.json")
     try:
-        fs, path = storage.url_to_fs(manifest)
-        found = fs.exists(path)
+        found = storage.exists(where)
     except Exception as e:  # any transport or credential failure, named with the URL below
         raise DataError(f"cannot reach the shards at {url}: {e.__class__.__name__}: {e}") from e
     if not found:
@@ -32,18 +38,78 @@ def check_shards(url: str) -> None:
             f"no manifest.json at {url} (data.shards): point data.shards at a split folder written by "
             "`maestro shards synth` or `maestro shards convert`"
         )
+    try:
+        manifest, _ = load_shards(url)
+    except (AttributeError, KeyError, TypeError) as e:  # valid JSON, but not a manifest's shape
+        raise DataError(f"{where} is not a maestro manifest ({e.__class__.__name__}: {e})") from e
+    return manifest
+
+
+def check_inputs(cfg: Config, manifest: dict[str, Any]) -> None:
+    """Every model input is stored, with the bands it needs and rasters that hold the crops."""
+    stored = manifest.get("modalities") or {}
+    where = f"{cfg.data.shards} (data.shards)"
+    for name, spec in cfg.derived.modalities.items():
+        if name not in stored:
+            raise ConfigError(
+                "data.inputs",
+                name,
+                f"modalities stored in {where}: {sorted(stored)}; drop '{name}' from data.inputs or "
+                "write shards that hold it",
+            )
+        have = stored[name]
+        channels = len(have.get("bands", []))
+        need = max(spec.source_channels) + 1 if spec.source_channels else len(spec.bands)
+        if channels and channels < need:
+            raise ConfigError(
+                f"data.modalities.{name}.bands",
+                spec.bands,
+                f"at most the {channels} bands stored in {where} ({have.get('bands')})",
+            )
+        # A stored raster covers the tile plus a margin of `shift_px` on each side; a crop takes
+        # the tile's pixels at the config's resolution, from `shift_px` in.
+        res = have.get("resolution_m")
+        if res:
+            side = round(cfg.derived.tile_m / res) + 2 * int(have.get("shift_px", 0))
+            needed = round(cfg.derived.tile_m / spec.resolution_m) + spec.shift_px
+            if side < needed:
+                raise ConfigError(
+                    f"data.modalities.{name}.resolution_m",
+                    spec.resolution_m,
+                    f"the {res} m of {where}: its rasters are {side} px per side, a crop at "
+                    f"{spec.resolution_m} m needs {needed} px",
+                )
+
+
+def check_samples(cfg: Config, manifest: dict[str, Any]) -> None:
+    """Every loader worker of every rank reads at least one sample."""
+    total = sum(s["samples"] for s in manifest["shards"])
+    ranks, workers = cfg.run.workers, max(1, cfg.data.workers)
+    if total < ranks * workers:
+        most = total // ranks
+        limit = f"at most {most} loader worker(s) per rank" if most else f"at most {total} rank(s)"
+        fix = f"data.workers={most}" if most else f"run.workers={total}"
+        raise ConfigError(
+            "data.workers",
+            cfg.data.workers,
+            f"{limit}: {cfg.data.shards} holds {total} samples and run.workers={ranks} × "
+            f"data.workers={workers} = {ranks * workers} readers each need one; use {fix}, or more samples",
+        )
+
+
+def check_shards(cfg: Config) -> None:
+    manifest = read_manifest(cfg.data.shards)
+    check_inputs(cfg, manifest)
+    check_samples(cfg, manifest)
 
 
 def check_storage(cfg: Config) -> None:
     """Write and delete a probe object in the run folder (catches missing buckets and read-only keys)."""
     url = run_url(cfg)
-    probe = f"{url}/.probe-{uuid.uuid4().hex[:8]}"
+    probe = storage.join(url, f".probe-{uuid.uuid4().hex[:8]}")
     try:
-        fs, path = storage.url_to_fs(probe)
-        if "://" not in url:
-            fs.makedirs(url, exist_ok=True)
-        fs.pipe_file(path, b"")
-        fs.rm(path)
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
     except Exception as e:  # any transport or credential failure, named with the URL below
         raise CheckpointError(
             f"cannot write to the run storage {url} (run.storage={cfg.run.storage!r}): "
@@ -52,5 +118,5 @@ def check_storage(cfg: Config) -> None:
 
 
 def check(cfg: Config) -> None:
-    check_shards(cfg.data.shards)
+    check_shards(cfg)
     check_storage(cfg)

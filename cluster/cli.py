@@ -1,0 +1,78 @@
+"""`maestro pretrain CONFIG [OVERLAY.yaml ...] [key=value ...] [--json]`: pretraining through Ray Train.
+
+The command of the top layer (it may import `cluster/`): checks made before Ray starts
+(`maestro.train.preflight`), a banner saying what runs and where the logs go, `launch`, and the
+summary. A second run of the same name resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from maestro.cli_info import add_config_arguments
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain through Ray Train (resumes a run of the same name)",
+        description="Pretrain through Ray Train: local Ray by default, a Ray cluster with run.address. "
+        "Add configs/local.yaml after a preset to run it on this machine (run.workers=auto). "
+        "`maestro config CONFIG` lists every key.",
+    )
+    add_config_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the final summary as one JSON object")
+    p.set_defaults(func=run)
+
+
+def banner(cfg, run_url: str) -> list[str]:
+    """What runs: the run, the model, the workers and devices, the engine's stage and precision."""
+    from maestro import config
+
+    d, r = cfg.derived, cfg.run
+    ds = d.deepspeed
+    stage = ds["zero_optimization"]["stage"]
+    precision = "bf16" if ds["bf16"]["enabled"] else "fp32"
+    device = "GPU" if config.uses_gpu(cfg) else "CPU"
+    where = f"Ray cluster {r.address}" if r.address else "local Ray (127.0.0.1)"
+    return [
+        f"maestro pretrain: run {run_url}",
+        f"  {cfg.model.size} model, {', '.join(d.modalities)}; {r.workers} {device} worker(s) on {where}",
+        f"  ZeRO {stage}, {precision}, global batch {d.global_batch}, lr {d.lr:.3g}, {cfg.train.steps} steps",
+        f"  logs: {run_url}/logs (driver.log, ray/), TensorBoard: {run_url}/tensorboard",
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    from cluster.console import RunLog
+    from maestro import config
+    from maestro.cli import print_json
+
+    cfg = config.load(args.config, args.overrides)
+    log, url = RunLog(), ""
+    try:
+        with log:  # from here on, what the libraries print goes to the run's logs
+            from cluster import resources
+            from cluster.launch import launch
+            from maestro.train import preflight
+            from maestro.train.loop import run_url
+
+            if not cfg.run.address:  # the machine first: what fits decides the rest
+                resources.check_local(cfg)
+            preflight.check(cfg)
+            url = run_url(cfg)  # reachable: the logs go there from now on
+            for line in banner(cfg, url):
+                log.say(line)
+            summary = launch(cfg, log=log)
+            if not args.json:
+                state = "stopped" if summary["stopped"] else "finished"
+                log.say(
+                    f"{state} at step {summary['step']} (loss {summary['loss']:.4f}); "
+                    f"TensorBoard: tensorboard --logdir {summary['run']}/tensorboard"
+                )
+    finally:
+        if url:
+            log.keep(url)
+    if args.json:
+        print_json(summary)
+    return 0
