@@ -13,8 +13,10 @@ resumed run draws the masks the uninterrupted one would have.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -28,18 +30,21 @@ import torch
 
 from maestro import config, storage
 from maestro.config import Config
-from maestro.errors import CheckpointError, MaestroError
+from maestro.errors import MaestroError
 from maestro.model.ema import EMA
 from maestro.parallel import dist
-from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards, reshard_zero3
-from maestro.train import checkpoint, metrics, optim
+from maestro.parallel.deepspeed import build_engine, local_shards
+from maestro.train import checkpoint, metrics, optim, resume
 
 STOP_FILE = "STOP"
 SUMMARY_FILE = "summary.json"
 
 
 class Diverged(MaestroError):
-    """The loss became NaN or infinite; the run stopped without writing a checkpoint after it."""
+    """The loss became NaN or infinite; the run stopped without writing a checkpoint after it.
+
+    Defined here once (the loop raises it; `worker_entry` ends a worker on it); a plain
+    `MaestroError` with its message only, so it survives pickling between Ray processes."""
 
 
 def run_url(cfg: Config) -> str:
@@ -58,17 +63,19 @@ def mask_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return ((seed * 1_000_003 + step) * 4099 + rank) * 257 + micro
 
 
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Model inputs to the device, floating ones in the engine's compute dtype; loader
-    bookkeeping (`_`-prefixed keys) stays behind."""
-    out = {}
-    for k, v in batch.items():
-        if k.startswith("_"):
-            continue
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
-        out[k] = v
-    return out
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Model inputs to the device as they are (the model casts what it computes with, so targets
+    and their statistics come from the loader's own values); loader bookkeeping (`_` keys) stays."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+        if not k.startswith("_")
+    }
+
+
+def reports(step: int, c: Any) -> bool:
+    """Whether `step` is a log step: every `log_every`, every checkpoint and the last step."""
+    return step % c.log_every == 0 or step % c.checkpoint_every == 0 or step == c.steps
 
 
 class Stepper:
@@ -76,7 +83,6 @@ class Stepper:
 
     def __init__(self, engine: Any, ema: EMA | None, device: torch.device, seed: int, rank: int):
         self.engine, self.ema, self.device = engine, ema, device
-        self.dtype = compute_dtype(engine)
         self.seed, self.rank = seed, rank
         self.generator = torch.Generator(device=device)
         self.grad_norm: torch.Tensor | None = None  # stage 0 only, measured on request
@@ -87,9 +93,7 @@ class Stepper:
         outs = []
         for i, batch in enumerate(batches):
             self.generator.manual_seed(mask_seed(self.seed, step, self.rank, i))
-            out = SimpleNamespace(
-                **self.engine(to_device(batch, self.device, self.dtype), generator=self.generator)
-            )
+            out = SimpleNamespace(**self.engine(to_device(batch, self.device), generator=self.generator))
             self.engine.backward(out.loss)
             if measure_norm and i == len(batches) - 1 and self.engine.zero_optimization_stage() == 0:
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
@@ -140,6 +144,15 @@ def training_flops_per_sample(cfg: Config) -> float:
     return 3.0 * float(flops_per_sample(cfg)["total"])
 
 
+def skip_reasons(loader: Any) -> dict[str, int]:
+    """This rank's skipped samples by reason, where the loader counts reasons; otherwise its
+    total under the one reason it counts (samples unreadable as stored)."""
+    if hasattr(loader, "skipped_reasons"):
+        return dict(loader.skipped_reasons())
+    total = loader.skipped_samples()
+    return {"unreadable": total} if total else {}
+
+
 class Trainer:
     """One rank's training state: engine, EMA, shard stream, checkpoints, and (rank 0) TensorBoard."""
 
@@ -148,24 +161,32 @@ class Trainer:
         from maestro.info import tokens
         from maestro.model import build_model
 
-        self.cfg, self.place, self.on_step = cfg, place, on_step
+        self.place, self.on_step = place, on_step
         self.url = run_url(cfg)
         self.store = checkpoint.CheckpointStore(self.url, cfg.train.keep_checkpoints)
-        self.resume_from, stage, self.universal = self._resume_plan()
+        # Decided before anything of the run is written: a refused resume leaves the run as it was.
+        self.resume_from = resume.plan(cfg, self.store, place.rank, place.world_size)
+        stage = None if self.resume_from is None else self.resume_from.stage
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
         optimizer = optim.build_optimizer(cfg, model)
         schedule = optim.build_schedule(cfg, optimizer)
+        use_gpu = place.device.type == "cuda"
         self.engine = build_engine(
             cfg,
             model,
             optimizer,
             schedule,
             place.world_size,
-            place.device.type == "cuda",
+            use_gpu,
             stage,
-            self.universal,
+            self.resume_from is not None and self.resume_from.universal,
         )
+        # The saved config says what runs: the stage kept by a resume, this world's batch.
+        self.cfg = copy.deepcopy(cfg)
+        self.cfg.derived.deepspeed = config.deepspeed_config(cfg, place.world_size, use_gpu, stage)
+        self.cfg.derived.global_batch = self.engine.train_batch_size()
+        self.running = resume.running(self.engine, place.world_size)
         self.ema = EMA(local_shards(self.engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
         self.loader = build_loader(cfg, place.rank, place.world_size, train=True)
         self.stepper = Stepper(self.engine, self.ema, place.device, cfg.train.seed, place.rank)
@@ -175,32 +196,33 @@ class Trainer:
         # Packed batches hold a varying number of tokens: FLOPs are counted per token.
         self.flops_per_token = training_flops_per_sample(cfg) / self.tokens_per_sample
         self.samples_trained = 0  # by this process's run, all ranks (a resumed run counts from its start)
+        self.skipped = 0  # samples skipped by all ranks since the run's start, as of the last log step
         self.peak = metrics.peak_flops(place.device) * place.world_size
         self.fs, self.root = storage.url_to_fs(self.url)
         self.board: metrics.Board | None = None
+        self.tb_dir = f"{self.root}/tensorboard"
         if place.is_main:
+            for note in () if self.resume_from is None else self.resume_from.notes:
+                console(note)
             if self.store.local:
                 self.fs.makedirs(self.root, exist_ok=True)
-            self.tb_dir = (
-                f"{self.root}/tensorboard" if self.store.local else tempfile.mkdtemp(prefix="maestro-tb-")
-            )
+            else:  # event files are written locally and copied up at each flush
+                self.tb_dir = tempfile.mkdtemp(prefix="maestro-tb-")
             self.board = metrics.Board(self.tb_dir)
-            self.fs.pipe_file(f"{self.root}/config.yaml", config.dump(cfg).encode())
+            self.board.writer.add_text("run/what_runs", json.dumps(self.running))
+            self.fs.pipe_file(f"{self.root}/config.yaml", config.dump(self.cfg).encode())
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def _ema_name(self) -> str:
-        return f"rank{self.place.rank}_ema.pt" if self.engine.zero_optimization_stage() == 3 else "ema.pt"
-
     def save(self, step: int) -> None:
-        r = self.place.rank
+        r, stage = self.place.rank, self.engine.zero_optimization_stage()
         files = {f"rank{r}_data.pt": checkpoint.encode(self.loader.state_dict())}
         run_files = {
             "state.json": json.dumps(
                 {
                     "step": step,
                     "world_size": self.place.world_size,
-                    "zero_stage": self.engine.zero_optimization_stage(),
+                    "zero_stage": stage,
                     "steps": self.cfg.train.steps,
                 }
             ).encode(),
@@ -208,77 +230,22 @@ class Trainer:
             "version.json": json.dumps(checkpoint.code_version()).encode(),
         }
         if self.ema is not None:
-            owner = files if self.engine.zero_optimization_stage() == 3 else run_files
-            owner[self._ema_name()] = checkpoint.encode(self.ema.state_dict())
+            owner = files if stage == 3 else run_files
+            owner[resume.ema_name(stage, r)] = checkpoint.encode(self.ema.state_dict())
         self.store.save(step, self.engine, r, files, run_files)
         self.sync_board()
 
-    def _resume_plan(self) -> tuple[tuple[int, dict] | None, int | None, bool]:
-        """The newest complete checkpoint (step, its state.json) or None; the ZeRO stage to build the
-        engine with (a resumed run keeps the one it started with); whether to load its universal form
-        (written by another number of workers: rank 0 converts it here, once)."""
-        found: list[Any] = [None]
-        if self.place.is_main:
-            step = self.store.latest()
-            found = [None if step is None else (step, json.loads(self.store.read(step, "state.json")))]
-        torch.distributed.broadcast_object_list(found, src=0)
-        if found[0] is None:
-            return None, None, False
-        step, state = found[0]
-        if state.get("steps", self.cfg.train.steps) != self.cfg.train.steps:
-            raise CheckpointError(
-                f"{self.url} was started for {state['steps']} steps and its one-cycle schedule runs to "
-                f"that step; resume it with train.steps={state['steps']}, or train longer under a new run.name"
-            )
-        stage, universal = state["zero_stage"], state["world_size"] != self.place.world_size
-        universal = universal and stage > 0  # stage 0 holds whole optimizer state: it loads anywhere
-        if universal:
-            if self.place.is_main:
-                console(
-                    f"{self.url}/{checkpoint.tag(step)} was written by {state['world_size']} workers, this run "
-                    f"has {self.place.world_size}: loading its universal form (ZeRO stage {stage} kept)"
-                )
-                self.store.make_universal(step)
-            dist.barrier()
-        return (step, state), stage, universal
-
-    def _data_states(self, step: int, state: dict) -> None:
-        own = checkpoint.decode(self.store.read(step, f"rank{self.place.rank}_data.pt"))
-        if (own["world_size"], own["workers"]) == (self.place.world_size, self.loader.plan.workers):
-            self.loader.load_state_dict(own)
-            return
-        states = [
-            own if r == self.place.rank else checkpoint.decode(self.store.read(step, f"rank{r}_data.pt"))
-            for r in range(state["world_size"])
-        ]
-        self.loader.resume(states)
-
-    def _ema_state(self, step: int, state: dict) -> None:
-        assert self.ema is not None
-        if state["zero_stage"] < 3:
-            self.ema.load_state_dict(checkpoint.decode(self.store.read(step, "ema.pt")))
-        elif state["world_size"] == self.place.world_size:
-            self.ema.load_state_dict(checkpoint.decode(self.store.read(step, self._ema_name())))
-        else:  # ZeRO-3 partitions of another world size
-            parts = [
-                checkpoint.decode(self.store.read(step, f"rank{r}_ema.pt"))["shadow"]
-                for r in range(state["world_size"])
-            ]
-            shadow = reshard_zero3(parts, self.engine.module, self.place.rank)
-            self.ema.load_state_dict({"momentum": self.ema.momentum, "shadow": shadow})
-
     def restore(self) -> int:
-        """Load the newest complete checkpoint, if any; return its step (0 for a fresh run)."""
-        if self.resume_from is None:
+        """Load the checkpoint the resume plan chose, if any; return its step (0 for a fresh run)."""
+        p = self.resume_from
+        if p is None:
             return 0
-        step, state = self.resume_from
-        self.store.load(step, self.engine, self.place.rank, self.universal)
-        self._data_states(step, state)
-        if self.ema is not None:
-            self._ema_state(step, state)
+        resume.restore(
+            self.store, p, self.engine, self.loader, self.ema, self.place.rank, self.place.world_size
+        )
         if self.place.is_main:
-            console(f"resumed from {self.url}/{checkpoint.tag(step)} (step {step})")
-        return step
+            console(f"resumed from {self.url}/{checkpoint.tag(p.step)} (step {p.step})")
+        return p.step
 
     def sync_board(self) -> None:
         """Flush TensorBoard; for remote runs copy the event files to `RUN/tensorboard`."""
@@ -314,6 +281,9 @@ class Trainer:
                 "perf/step_time_s": seconds / steps,
                 "mem/peak_gb": metrics.peak_memory_gb(self.place.device),
                 "data/skipped_samples": reduced["skipped"],
+                "run/workers": self.running["workers"],
+                "run/zero_stage": self.running["stage"],
+                "train/global_batch": self.running["global_batch"],
             }
         )
         if self.peak:
@@ -344,9 +314,8 @@ class Trainer:
                 data_wait += time.perf_counter() - t
                 self.interval.count(*batch_counts(micro[-1], self.tokens_per_sample))
             lr = self.engine.get_lr()[0]  # a host float: the learning rate this step uses
-            ahead = step + 1
-            logs_next = ahead % c.log_every == 0 or ahead % c.checkpoint_every == 0 or ahead == c.steps
-            outs = self.stepper(step, micro, measure_norm=logs_next)
+            log_step = reports(step + 1, c)
+            outs = self.stepper(step, micro, measure_norm=log_step)
             step += 1
             for out in outs:
                 self.interval.add(step, [out.loss, *(out.loss_per_modality[m] for m in self.names[1:])])
@@ -354,8 +323,7 @@ class Trainer:
                 self.images(step, outs[-1])
             if self.on_step is not None:
                 self.on_step(step, self.engine)
-            save_due = step % c.checkpoint_every == 0 or step == c.steps
-            if not (save_due or step % c.log_every == 0):
+            if not log_step:
                 continue
             wants_stop = stop.requested or (self.place.is_main and self.stop_file_present())
             reduced = self.interval.reduce(self.loader.skipped_samples(), wants_stop)
@@ -369,11 +337,12 @@ class Trainer:
             now = time.perf_counter()
             loss = reduced["losses"]["loss"]
             self.samples_trained += reduced["samples"]
+            self.skipped = reduced["skipped"]
             if self.board is not None:
                 self.log(step, reduced, lr, now - last_time, step - last_log, data_wait)
             last_log, last_time, data_wait = step, now, 0.0
             stopped = reduced["stop"]
-            if save_due or stopped:
+            if step % c.checkpoint_every == 0 or step == c.steps or stopped:
                 self.save(step)
         self.sync_board()
         return {
@@ -383,7 +352,19 @@ class Trainer:
             "samples": self.samples_trained,
             "stopped": stopped,
             "run": self.url,
+            "skipped": self.skip_summary(),
+            **self.running,
         }
+
+    def skip_summary(self) -> dict[str, Any]:
+        """`{"total", "reasons"}` of the samples skipped by all ranks (every rank calls this)."""
+        parts: list[Any] = [None] * self.place.world_size
+        torch.distributed.all_gather_object(parts, skip_reasons(self.loader))
+        reasons: dict[str, int] = {}
+        for part in parts:
+            for reason, n in part.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        return {"total": sum(reasons.values()), "reasons": reasons}
 
     def _last_checkpoint(self) -> str:
         latest = self.store.latest()
@@ -396,6 +377,8 @@ class Trainer:
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
+            if not self.store.local:  # the local copy of event files already copied up
+                shutil.rmtree(self.tb_dir, ignore_errors=True)
 
 
 def train(cfg: Config, on_step: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
