@@ -99,6 +99,16 @@ def compare(saved: dict[str, Any], cfg: Config, where: str) -> list[str]:
     return [f"{k} {old[k]} → {new[k]}" for k in changed]
 
 
+def check_config(cfg: Config, url: str) -> list[str]:
+    """`compare` against the newest complete checkpoint of run folder `url`, if any: for the
+    launcher, so that a refused resume stops before any worker starts (read-only)."""
+    store = checkpoint.CheckpointStore(url, cfg.train.keep_checkpoints)
+    latest = store.latest()
+    if latest is None:
+        return []
+    return compare(yaml.safe_load(store.read(latest, "config.yaml")), cfg, f"{url}/{checkpoint.tag(latest)}")
+
+
 def _decide(cfg: Config, store: checkpoint.CheckpointStore, world_size: int) -> Plan | None:
     """Rank 0's part of `plan`."""
     store.remove_partial()
