@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from maestro import config
-from maestro.errors import ConfigError
+from maestro.errors import CheckpointError
 from maestro.train import checkpoint, resume
 from maestro.train.loop import train
 
@@ -47,21 +47,25 @@ def test_changed_key_that_cannot_change_is_refused_in_one_line(override, keys, s
     first = train(cfg, on_step=StopAt(2))
     assert first["stopped"] and first["step"] == 2
     saved = (tmp_path / "fixed" / "config.yaml").read_bytes()
-    with pytest.raises(ConfigError, match=keys):  # what the launcher checks before workers start
+    with pytest.raises(CheckpointError, match=keys):  # what the launcher checks before workers start
         resume.check_config(small_run("fixed", override), str(tmp_path / "fixed"))
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(CheckpointError) as e:
         train(small_run("fixed", override))
     message = str(e.value)
-    assert message.startswith(f"config key '{keys}'") and "\n" not in message
+    where = f"{tmp_path}/fixed/{checkpoint.tag(2)}"
+    assert message.startswith(f"cannot resume {where} with other values of {keys}: ") and "\n" not in message
     old = yaml.safe_load(saved)
     section, key = keys.split(".")
-    assert f"{keys}={old[section][key]}" in message and "another run.name" in message
+    assert f"trained with {keys}={old[section][key]} (this config: {override})" in message
+    assert "another run.name" in message
     assert (tmp_path / "fixed" / "config.yaml").read_bytes() == saved  # not overwritten
 
 
 def test_several_fixed_keys_are_named_together(small_run, tmp_path):
     train(small_run("many", "train.steps=2"))
-    with pytest.raises(ConfigError, match=r"config key 'data\.batch_size, optim\.base_lr, train\.steps'"):
+    with pytest.raises(
+        CheckpointError, match=r"other values of data\.batch_size, optim\.base_lr, train\.steps: "
+    ):
         train(small_run("many", "data.batch_size=4", "optim.base_lr=0.001", "train.steps=3"))
 
 

@@ -24,7 +24,7 @@ import yaml
 
 from maestro import config, storage
 from maestro.config import Config
-from maestro.errors import CheckpointError, ConfigError, MaestroError
+from maestro.errors import CheckpointError, MaestroError
 from maestro.train import checkpoint
 
 # Keys that may differ between a run and its resume: how the run is executed, logged and stored.
@@ -84,17 +84,16 @@ def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
 
 def compare(saved: dict[str, Any], cfg: Config, where: str) -> list[str]:
     """The changes from the checkpoint's resolved config `saved` to `cfg` that a resume accepts
-    ("key old → new"); raises `ConfigError` naming every key that cannot change. Keys present on
+    ("key old → new"); raises `CheckpointError` naming every key that cannot change. Keys present on
     one side only (added or removed by a maestro upgrade) are not compared."""
     old, new = _comparable(saved), _comparable(cfg.to_dict())
     changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
     fixed = [k for k in changed if not k.startswith(CHANGEABLE)]
     if fixed:
-        raise ConfigError(
-            ", ".join(fixed),
-            {k: new[k] for k in fixed},
-            f"the values {where} was trained with ({', '.join(f'{k}={old[k]}' for k in fixed)}): they cannot "
-            "change on resume; rerun with them, or train the new values under another run.name",
+        raise CheckpointError(
+            f"cannot resume {where} with other values of {', '.join(fixed)}: it was trained with "
+            f"{', '.join(f'{k}={old[k]}' for k in fixed)} (this config: {', '.join(f'{k}={new[k]}' for k in fixed)}) "
+            "and these keys cannot change on resume; rerun with its values, or train the new ones under another run.name"
         )
     return [f"{k} {old[k]} → {new[k]}" for k in changed]
 
