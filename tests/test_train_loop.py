@@ -176,3 +176,20 @@ def test_bench_step_compares_the_framework_step_with_a_plain_loop(precision, arc
     # One recipe on both sides: the same weights, masks, precision and optimizer give the same
     # losses after three steps (bf16 compute under autocast on both).
     assert rep["loss"] == pytest.approx(rep["plain_loss"], rel=1e-4)
+
+
+def test_summary_counts_skipped_samples_with_their_reason(tmp_path, small_run):
+    """A damaged sample is skipped, never trained on, and the run summary says how many and why."""
+    from shards.synth import write_synthetic
+
+    write_synthetic(str(tmp_path / "a"), "treesatai_ts", samples=8, seed=0, max_dates=4, shard_samples=4)
+    shard = sorted((tmp_path / "a" / "train").glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    start = data.index(b"\x93NUMPY")  # the first array of the first sample: its header destroyed
+    data[start : start + 64] = b"\xff" * 64
+    shard.write_bytes(bytes(data))
+    cfg = small_run("skips", f"data.shards={tmp_path / 'a' / 'train'}", "train.steps=2")
+    summary = train(cfg)
+    skipped = json.loads((tmp_path / "skips" / "summary.json").read_text())["skipped"]
+    assert skipped == summary["skipped"] and skipped["total"] >= 1
+    assert sum(skipped["reasons"].values()) == skipped["total"]
