@@ -211,9 +211,13 @@ class CheckpointStore:
                 "version": 1,
                 "files": dict(sorted(listing.items())),
             }
-            self.fs.pipe_file(f"{self._dir(step)}/{DIGESTS}", json.dumps(record, indent=1).encode())
             marker = {"step": step, "time": time.time()}
-            self.fs.pipe_file(f"{self._dir(step)}/{MARKER}", json.dumps(marker).encode())
+            try:
+                self.fs.pipe_file(f"{self._dir(step)}/{DIGESTS}", json.dumps(record, indent=1).encode())
+                self.fs.pipe_file(f"{self._dir(step)}/{MARKER}", json.dumps(marker).encode())
+            except OSError as e:
+                self.fs.rm(self._dir(step), recursive=True)
+                raise CheckpointError(self._write_failure(e, step, engine, own)) from e
             self.prune()
 
     def _write_failure(self, e: OSError, step: int, engine: Any, own: dict[str, bytes]) -> str:

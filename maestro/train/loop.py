@@ -1,8 +1,9 @@
 """The pretraining loop: the same function in a Ray Train worker and in a plain single process.
 
 `train(cfg)` joins the process group, builds the model, the DeepSpeed engine (optimizer and
-schedule from `optim`), the EMA and this rank's shard stream, resumes from the run's newest
-complete checkpoint, and trains to `train.steps`. The hot loop never waits on the device: losses
+schedule from `optim`), the EMA and this rank's shard stream, resumes from the checkpoint that
+`resume.plan` accepts (the newest that verifies, under a config allowed to continue it), and
+trains to `train.steps`. The hot loop never waits on the device: losses
 stay on it until a log step (`metrics.Interval`), where ranks also agree on divergence and on a
 stop request. A checkpoint is written every `train.checkpoint_every` steps, at the end, and when a
 stop is requested (SIGINT/SIGTERM in a plain process, the `STOP` file of the run under Ray).
