@@ -275,3 +275,16 @@ def test_bf16_steps_fp32_master_weights_without_deepspeed_unfused_optimizer(stag
     before = [t.detach().float().clone() for t in local_shards(engine.module)]
     _train(engine, 2)
     assert any(not torch.equal(a, b.detach().float()) for a, b in zip(before, local_shards(engine.module)))
+
+
+def test_to_device_moves_inputs_as_they_are_and_keeps_host_keys_behind():
+    """Targets and their statistics come from the loader's fp32 values: a near-flat DEM patch keeps
+    its variance (rounded to bf16 both values would be 1000); the model casts what it computes with."""
+    from maestro.train.loop import to_device
+
+    dem = torch.tensor([[1000.0, 1000.01]])
+    batch = {"dem": dem, "dem_dates": torch.ones(1, 3, dtype=torch.int64), "_keys": ["a"], "_skipped": 0}
+    out = to_device(batch, torch.device("cpu"))
+    assert set(out) == {"dem", "dem_dates"}
+    assert out["dem"].dtype == torch.float32 and out["dem"].var() > 0
+    assert torch.equal(out["dem"], dem) and out["dem_dates"].dtype == torch.int64
