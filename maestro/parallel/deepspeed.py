@@ -3,7 +3,8 @@
 The config dict comes from `maestro.config.deepspeed_config` (the one place it is built), for the
 world size actually running. The optimizer and schedule are client torch objects
 (`maestro.train.optim`): DeepSpeed's own config optimizers would JIT-build fused ops on CPU.
-What steps the weights in bf16 (fp32 master weights at every stage, no host sync per step):
+What steps the weights in bf16 (fp32 master weights at every stage; no host sync in the step at
+ZeRO 0, one read of the global gradient norm per step inside DeepSpeed's ZeRO optimizers):
 ZeRO 0 keeps fp32 weights, computes under `torch.autocast(bf16)` and steps torch's AdamW (fused on
 GPU, foreach on CPU); ZeRO 1-2 run DeepSpeed's `DeepSpeedZeroOptimizer` and ZeRO 3
 `DeepSpeedZeroOptimizer_Stage3` (bf16 weights, fp32 master partitions). bf16 weights at ZeRO 0
