@@ -197,7 +197,6 @@ class Trainer:
         # Packed batches hold a varying number of tokens: FLOPs are counted per token.
         self.flops_per_token = training_flops_per_sample(cfg) / self.tokens_per_sample
         self.samples_trained = 0  # by this process's run, all ranks (a resumed run counts from its start)
-        self.skipped = 0  # samples skipped by all ranks since the run's start, as of the last log step
         self.peak = metrics.peak_flops(place.device) * place.world_size
         self.fs, self.root = storage.url_to_fs(self.url)
         self.board: metrics.Board | None = None
@@ -338,7 +337,6 @@ class Trainer:
             now = time.perf_counter()
             loss = reduced["losses"]["loss"]
             self.samples_trained += reduced["samples"]
-            self.skipped = reduced["skipped"]
             if self.board is not None:
                 self.log(step, reduced, lr, now - last_time, step - last_log, data_wait)
             last_log, last_time, data_wait = step, now, 0.0
