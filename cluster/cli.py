@@ -28,17 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def banner(cfg, run_url: str) -> list[str]:
     """What runs: the run, the model, the workers and devices, the engine's stage and precision."""
     from maestro import config
+    from maestro.train.resume import what_runs
 
     d, r = cfg.derived, cfg.run
-    ds = d.deepspeed
-    stage = ds["zero_optimization"]["stage"]
-    precision = "bf16" if ds["bf16"]["enabled"] else "fp32"
+    runs = what_runs(cfg, run_url)  # a resumed run keeps its checkpoint's stage
     device = "GPU" if config.uses_gpu(cfg) else "CPU"
     where = f"Ray cluster {r.address}" if r.address else "local Ray (127.0.0.1)"
     return [
         f"maestro pretrain: run {run_url}",
         f"  {cfg.model.size} model, {', '.join(d.modalities)}; {r.workers} {device} worker(s) on {where}",
-        f"  ZeRO {stage}, {precision}, global batch {d.global_batch}, lr {d.lr:.3g}, {cfg.train.steps} steps",
+        f"  ZeRO {runs['stage']}, {runs['precision']}, {runs['optimizer']}, global batch {runs['global_batch']}, "
+        f"lr {d.lr:.3g}, {cfg.train.steps} steps",
         f"  logs: {run_url}/logs (driver.log, ray/), TensorBoard: {run_url}/tensorboard",
     ]
 

@@ -395,16 +395,21 @@ def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool, stage: int | N
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
         zero.update(overlap_comm=use_gpu, contiguous_gradients=True)
-    return {
+    out = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": bf16 and stage > 0},
         "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if bf16 and stage == 0:
+        # bf16 weights without ZeRO would run DeepSpeed's unfused fp16-style optimizer (a Python
+        # loop with host syncs): fp32 weights stepped by torch's AdamW, bf16 compute by autocast.
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return out
 
 
 def uses_gpu(cfg: Config) -> bool:

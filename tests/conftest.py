@@ -87,3 +87,53 @@ def s3_bucket(s3_endpoint) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+# A training run small enough for a test on 2 cores: the debug model on the demo config with
+# smaller aerial tiles, fewer dates and two modalities, one data-loader process.
+SMALL_TRAIN = [
+    "model.size=debug",
+    "model.inter_depth=1",
+    "data.modalities.aerial.image_size=60",
+    "data.modalities.s2.num_dates=4",
+    "data.batch_size=2",
+    "data.workers=0",
+    "data.inputs=[aerial,s2]",
+    "run.workers=1",
+    "run.use_gpu=false",
+    "optim.base_lr=0.002",
+    "train.steps=4",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "train.image_every=100",
+]
+
+
+@pytest.fixture(scope="session")
+def train_archive(tmp_path_factory) -> str:
+    """A small synthetic TreeSatAI-TS training split (16 samples in 4 shards)."""
+    from shards.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("train_archive")
+    write_synthetic(str(root), "treesatai_ts", samples=16, seed=0, max_dates=4, shard_samples=4)
+    return str(root / "train")
+
+
+@pytest.fixture
+def small_run(train_archive, tmp_path):
+    """`small_run(name, *overrides)`: the resolved config of a `SMALL_TRAIN` run under `tmp_path`."""
+    from maestro import config
+
+    def make(name: str, *overrides: str):
+        return config.load(
+            "configs/demo.yaml",
+            [
+                *SMALL_TRAIN,
+                f"data.shards={train_archive}",
+                f"run.storage={tmp_path}",
+                f"run.name={name}",
+                *overrides,
+            ],
+        )
+
+    return make

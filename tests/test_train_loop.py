@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from maestro import cli, config
-from maestro.train import checkpoint
-from maestro.train.loop import Diverged, train
+from maestro.errors import Diverged
+from maestro.train import checkpoint, resume
+from maestro.train.loop import train
 
 SMALL = [
+    "model.size=debug",
+    "model.inter_depth=1",
     "data.modalities.aerial.image_size=60",
     "data.modalities.s2.num_dates=4",
     "data.modalities.s1_asc.num_dates=2",
@@ -83,6 +86,10 @@ def test_stopped_run_resumes_exactly_where_it_stopped(archive, tmp_path):
     }
     assert "package" in json.loads(store.read(4, "version.json"))
     assert store.read(4, "config.yaml").decode() == config.dump(cut)
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["skipped"] == {"total": 0, "reasons": {}}
+    what = {"stage": 0, "precision": "fp32", "optimizer": "AdamW (foreach)", "global_batch": 2, "workers": 1}
+    assert {k: summary[k] for k in what} == what == resume.what_runs(cut, str(tmp_path / "cut"))
 
 
 def test_nonfinite_loss_names_step_and_modalities_and_keeps_last_checkpoint(archive, tmp_path):
@@ -149,13 +156,41 @@ def test_pretrain_fails_before_workers_start_on_missing_shards_or_bucket(tmp_pat
     assert url in capsys.readouterr().err
 
 
-def test_bench_step_compares_the_framework_step_with_a_plain_loop(archive, capsys):
-    argv = ["bench", "step", "configs/demo.yaml", *SMALL, f"data.shards={archive}", "--steps", "2"]
-    assert cli.main([*argv, "--warmup", "1", "--json"]) == 0
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_step_compares_the_framework_step_with_a_plain_loop(precision, archive, capsys):
+    argv = [
+        "bench",
+        "step",
+        "configs/demo.yaml",
+        *SMALL,
+        f"data.shards={archive}",
+        f"train.precision={precision}",
+    ]
+    assert cli.main([*argv, "--steps", "2", "--warmup", "1", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rep["device"] == "cpu" and rep["precision"] == "fp32" and rep["steps"] == 2
+    assert rep["device"] == "cpu" and rep["precision"] == precision and rep["steps"] == 2
     assert rep["samples_per_s"] > 0 and rep["plain_samples_per_s"] > 0
     assert rep["tokens_per_s"] == pytest.approx(rep["samples_per_s"] * 45)  # aerial 9 + s2 36 tokens
     assert rep["batch_size"] == 2
-    assert 0 < rep["mfu"] < 1 and 0 <= rep["data_wait_frac"] < 1
-    assert 0 < rep["fraction_of_plain_end_to_end"] <= rep["fraction_of_plain"]
+    assert 0 < rep["mfu"] <= rep["mfu_compute"] < 1 and 0 <= rep["data_wait_frac"] < 1
+    assert rep["optimizer"] == "AdamW (foreach)"  # fp32 weights on both sides, also in bf16
+    # One recipe on both sides: the same weights, masks, precision and optimizer give the same
+    # losses after three steps (bf16 compute under autocast on both).
+    assert rep["loss"] == pytest.approx(rep["plain_loss"], rel=1e-4)
+
+
+def test_summary_counts_skipped_samples_with_their_reason(tmp_path, small_run):
+    """A damaged sample is skipped, never trained on, and the run summary says how many and why."""
+    from shards.synth import write_synthetic
+
+    write_synthetic(str(tmp_path / "a"), "treesatai_ts", samples=8, seed=0, max_dates=4, shard_samples=4)
+    shard = sorted((tmp_path / "a" / "train").glob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    start = data.index(b"\x93NUMPY")  # the first array of the first sample: its header destroyed
+    data[start : start + 64] = b"\xff" * 64
+    shard.write_bytes(bytes(data))
+    cfg = small_run("skips", f"data.shards={tmp_path / 'a' / 'train'}", "train.steps=2")
+    summary = train(cfg)
+    skipped = json.loads((tmp_path / "skips" / "summary.json").read_text())["skipped"]
+    assert skipped == summary["skipped"] and skipped["total"] >= 1
+    assert sum(skipped["reasons"].values()) == skipped["total"]

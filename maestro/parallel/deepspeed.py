@@ -3,6 +3,13 @@
 The config dict comes from `maestro.config.deepspeed_config` (the one place it is built), for the
 world size actually running. The optimizer and schedule are client torch objects
 (`maestro.train.optim`): DeepSpeed's own config optimizers would JIT-build fused ops on CPU.
+What steps the weights in bf16 (fp32 master weights at every stage; no host sync in the step at
+ZeRO 0, one read of the global gradient norm per step inside DeepSpeed's ZeRO optimizers):
+ZeRO 0 keeps fp32 weights, computes under `torch.autocast(bf16)` and steps torch's AdamW (fused on
+GPU, foreach on CPU); ZeRO 1-2 run DeepSpeed's `DeepSpeedZeroOptimizer` and ZeRO 3
+`DeepSpeedZeroOptimizer_Stage3` (bf16 weights, fp32 master partitions). bf16 weights at ZeRO 0
+would make DeepSpeed wrap the optimizer in its unfused fp16-style optimizer, a Python loop over
+the parameters with host syncs.
 Checkpoints are read back with `torch.load(weights_only=True)` (`safe_load`): a checkpoint in shared
 storage is never trusted to run code.
 
@@ -19,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import pickle
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,10 +86,12 @@ def safe_load(path: Any, map_location: Any = None, _load: Any = None, **kwargs: 
         with torch.serialization.safe_globals(_deepspeed_checkpoint_classes()):
             return (_load or torch.load)(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
-        reason = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), str(e)[:200])
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        reason = f"an object of class {found.group(1)}" if found else "something other than tensors"
         raise CheckpointError(
-            f"{path}: refused to load ({reason}); maestro loads checkpoints weights-only and never "
-            "runs code from them. Delete this checkpoint folder to resume from the one before it."
+            f"{path}: refused to load: it holds {reason}, and maestro loads checkpoints weights-only "
+            "(tensors, plain containers and DeepSpeed's own state classes), never running code from them; "
+            "a file written by other code, or altered, is not a maestro checkpoint"
         ) from e
 
 
@@ -166,9 +176,26 @@ def register_leaf_parameters(model: torch.nn.Module) -> None:
                     deepspeed.zero.register_external_parameter(owner, p)
 
 
-def compute_dtype(engine: deepspeed.DeepSpeedEngine) -> torch.dtype:
-    """The dtype the engine's module computes in (bf16 when enabled, else fp32)."""
-    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+def precision(engine: deepspeed.DeepSpeedEngine) -> str:
+    """ "bf16" when the engine computes in bf16 (bf16 weights, or autocast at ZeRO 0), else "fp32"."""
+    autocast = engine.torch_autocast_enabled() and engine.torch_autocast_dtype() == torch.bfloat16
+    return "bf16" if engine.bfloat16_enabled() or autocast else "fp32"
+
+
+def optimizer_name(engine: deepspeed.DeepSpeedEngine) -> str:
+    """The optimizer that steps the weights: DeepSpeed's wrapper, or torch's own with its mode."""
+    opt = engine.optimizer
+    if opt is not engine.basic_optimizer:
+        return type(opt).__name__
+    mode = "fused" if opt.defaults.get("fused") else "foreach" if opt.defaults.get("foreach") else "for-loop"
+    return f"{type(opt).__name__} ({mode})"
+
+
+def expected_optimizer(stage: int, use_gpu: bool) -> str:
+    """What `optimizer_name` gives for an engine of `build_engine` at ZeRO `stage` (any precision)."""
+    if stage == 0:
+        return f"AdamW ({'fused' if use_gpu else 'foreach'})"
+    return "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"
 
 
 def local_shards(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Under Ray Train (or torchrun) the group already exists or the environment describes it
 (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`); a plain single process gets
-a one-rank group on 127.0.0.1. NCCL on GPUs, gloo on CPU. DeepSpeed's shared-memory collective
+a one-rank group over an in-process store (`HashStore`: no port to find, none another process can
+take). NCCL on GPUs, gloo on CPU. DeepSpeed's shared-memory collective
 op is never JIT-compiled: on CPU it would cost a C++ build (25–60 s) on every fresh machine, and
 gloo all-reduce gives the same results.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import sys
 from dataclasses import dataclass
 
@@ -30,21 +30,14 @@ class Dist:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _single_process_env() -> None:
-    """Describe a one-rank group when no launcher did (DeepSpeed would otherwise look for MPI)."""
-    if "RANK" in os.environ:
-        return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+def _single_process_group(backend: str) -> None:
+    """A one-rank group when no launcher described one (no `MASTER_ADDR`). The variables are set for DeepSpeed,
+    which reads this process's rank from them."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
 def skip_shm_op_build() -> None:
@@ -62,9 +55,10 @@ def init(use_gpu: bool) -> Dist:
     import deepspeed
 
     skip_shm_op_build()
-    if not torch.distributed.is_initialized():
-        _single_process_env()
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    backend = "nccl" if use_gpu else "gloo"
+    if not torch.distributed.is_initialized() and "MASTER_ADDR" not in os.environ:
+        _single_process_group(backend)
+    deepspeed.init_distributed(dist_backend=backend)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_gpu:

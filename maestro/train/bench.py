@@ -3,10 +3,12 @@
 One process, one device (so the engine runs ZeRO stage 0: one rank has nothing to partition).
 Each step, a batch is streamed live from `data.shards` and goes through the framework's step
 (`loop.Stepper`: DeepSpeed engine, configured precision, EMA), which gives samples/s, tokens/s,
-MFU and the fraction of time spent waiting for data; then the same batch goes through the same
-model, optimizer, schedule, EMA and masks as a plain PyTorch loop without Ray or DeepSpeed. The
-framework's overhead is `fraction_of_plain` = its samples/s without the data wait ÷ the plain
-loop's; `fraction_of_plain_end_to_end` includes the wait.
+MFU (`mfu` end to end, `mfu_compute` without the data wait) and the fraction of time spent
+waiting for data; then the same batch goes through the same model, optimizer, schedule, EMA and
+masks as a plain PyTorch loop without Ray or DeepSpeed, in the same precision recipe as the
+engine at stage 0 (fp32 weights stepped by the same AdamW, bf16 compute under autocast when the
+run is bf16). The framework's overhead is `fraction_of_plain` = its samples/s without the data
+wait ÷ the plain loop's; `fraction_of_plain_end_to_end` includes the wait.
 """
 
 from __future__ import annotations
@@ -36,33 +38,38 @@ def _sync(device: torch.device) -> None:
 
 class PlainLoop:
     """The same model, optimizer, schedule, EMA and masks as a plain PyTorch loop (no Ray, no
-    DeepSpeed): the recipe's work is on both sides, so the ratio measures the framework alone."""
+    DeepSpeed), in the engine's precision recipe at stage 0: fp32 weights, bf16 compute under
+    autocast when `bf16`. The recipe's work is on both sides, so the ratio measures the framework."""
 
-    def __init__(self, cfg: Any, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: Any, device: torch.device, bf16: bool):
         from maestro.model import build_model
         from maestro.model.ema import EMA
         from maestro.train import optim
 
         torch.manual_seed(cfg.train.seed)
-        self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.model = build_model(cfg).to(device, dtype)
+        self.cfg, self.device, self.bf16 = cfg, device, bf16
+        self.model = build_model(cfg).to(device)
         self.opt = optim.build_optimizer(cfg, self.model)
         self.sched = optim.build_schedule(cfg, self.opt)
         self.ema = EMA(list(self.model.parameters()), cfg.train.ema_momentum) if cfg.train.ema else None
         self.generator = torch.Generator(device=device)
 
-    def __call__(self, step: int, batches: list[dict[str, Any]]) -> None:
+    def __call__(self, step: int, batches: list[dict[str, Any]]) -> list[Any]:
         from maestro.train.loop import mask_seed, to_device
 
+        outs = []
         for i, batch in enumerate(batches):
             self.generator.manual_seed(mask_seed(self.cfg.train.seed, step, 0, i))
-            out = self.model(to_device(batch, self.device, self.dtype), generator=self.generator)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = self.model(to_device(batch, self.device), generator=self.generator)
             (out.loss / len(batches)).backward()
+            outs.append(out)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update()
+        return outs
 
 
 def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
@@ -74,7 +81,7 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
     from maestro.model import build_model
     from maestro.model.ema import EMA
     from maestro.parallel import dist
-    from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards
+    from maestro.parallel.deepspeed import build_engine, local_shards, optimizer_name, precision
     from maestro.train import metrics, optim
     from maestro.train.loop import Stepper, batch_counts, training_flops_per_sample
 
@@ -90,7 +97,8 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
         engine = build_engine(cfg, model, opt, optim.build_schedule(cfg, opt), 1, place.device.type == "cuda")
         ema = EMA(local_shards(engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
         framework = Stepper(engine, ema, place.device, cfg.train.seed, 0)
-        plain = PlainLoop(cfg, place.device, compute_dtype(engine))
+        bf16 = precision(engine) == "bf16"
+        plain = PlainLoop(cfg, place.device, bf16)
         batches = iter(build_loader(cfg, 0, 1, train=True))
         per_sample = tokens(cfg)["total"]
         fw_s = wait_s = plain_s = 0.0
@@ -103,18 +111,20 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
             # Alternate which side runs first: the loader's workers prefetch right after a fetch,
             # so whichever side runs first shares the CPU with them.
             order = (framework, plain) if step % 2 == 0 else (plain, framework)
-            took = {}
+            took, outs = {}, {}
             for side in order:
                 t = time.perf_counter()
-                side(step, micro)
+                outs[side] = side(step, micro)
                 _sync(place.device)
                 took[side] = time.perf_counter() - t
+            # Each side's loss of its last micro-batch (read after the timing: it syncs).
+            losses = {side: float(outs[side][-1].loss.detach()) for side in order}
             if timed:
                 wait_s, fw_s, plain_s = wait_s + wait, fw_s + wait + took[framework], plain_s + took[plain]
                 for b in micro:
                     n, t = batch_counts(b, per_sample)
                     samples, n_tokens = samples + n, n_tokens + t
-        stage, bf16 = engine.zero_optimization_stage(), engine.bfloat16_enabled()
+        stage, optimizer = engine.zero_optimization_stage(), optimizer_name(engine)
     finally:
         dist.shutdown()
     sps, compute_sps, plain_sps = samples / fw_s, samples / (fw_s - wait_s), samples / plain_s
@@ -125,15 +135,19 @@ def bench_step(cfg: Any, steps: int, warmup: int) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(place.device) if place.device.type == "cuda" else "cpu",
         "zero_stage": stage,
         "precision": "bf16" if bf16 else "fp32",
+        "optimizer": optimizer,
         "steps": steps,
         "batch_size": samples / steps,  # mean samples per optimizer step (packed batches vary)
         "samples_per_s": sps,
         "tokens_per_s": tps,
         "mfu": tps * flops_per_token / peak if peak else None,
+        "mfu_compute": tps * (fw_s / (fw_s - wait_s)) * flops_per_token / peak if peak else None,
         "peak_flops": peak,
         "data_wait_frac": wait_s / fw_s,
         "step_time_s": fw_s / steps,
         "plain_samples_per_s": plain_sps,
+        "loss": losses[framework],  # of the last step: the same recipe gives the same value
+        "plain_loss": losses[plain],
         "fraction_of_plain": compute_sps / plain_sps,
         "fraction_of_plain_end_to_end": sps / plain_sps,
     }
@@ -148,9 +162,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(rep)
     else:
-        mfu = "n/a" if rep["mfu"] is None else f"{rep['mfu']:.2%}"
+        mfu = (
+            "n/a"
+            if rep["mfu"] is None
+            else f"{rep['mfu']:.2%} ({rep['mfu_compute']:.2%} without the data wait)"
+        )
         print(
-            f"{rep['device']} ZeRO {rep['zero_stage']} {rep['precision']}: {rep['samples_per_s']:.2f} samples/s, "
+            f"{rep['device']} ZeRO {rep['zero_stage']} {rep['precision']} {rep['optimizer']}: "
+            f"{rep['samples_per_s']:.2f} samples/s, "
             f"{rep['tokens_per_s']:.0f} tokens/s, MFU {mfu}, data wait {rep['data_wait_frac']:.1%}; "
             f"plain PyTorch {rep['plain_samples_per_s']:.2f} samples/s; framework/plain "
             f"{rep['fraction_of_plain']:.3f} (end to end {rep['fraction_of_plain_end_to_end']:.3f})"

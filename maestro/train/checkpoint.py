@@ -4,8 +4,15 @@ A checkpoint holds the DeepSpeed engine state (model, optimizer, schedule; one o
 partition per rank under ZeRO), each rank's own files (data stream state, EMA partitions) and the
 run files written by rank 0 (resolved config, code version, `state.json`). Every rank writes its
 part (never rank 0 alone: ZeRO state is partitioned), all ranks meet at a barrier, and only then
-rank 0 writes the `COMPLETE` marker, so a checkpoint cut short by a crash is never loaded. Rank 0
-then keeps the newest `keep` complete checkpoints and deletes everything else.
+rank 0 writes `DIGESTS.json` (the sha256 and size of every file, each rank hashing what it wrote) and
+then the `COMPLETE` marker, so a checkpoint cut short by a crash is never loaded. Rank 0 then keeps
+the newest `keep` complete checkpoints and deletes everything else.
+
+`verify` checks a checkpoint's files against its digests before a resume; one that fails is
+marked `REJECTED` (its marker removed, its files left for inspection, never pruned) so that the
+resume uses the newest older one that verifies (`maestro.train.resume`). A write that fails (a
+full disk, a lost bucket) removes the partial checkpoint and says which path failed and how many
+bytes the checkpoint needed, so that a rerun resumes from the one before once there is room.
 
 On S3 each rank stages its part in a local temporary folder and uploads it; loading downloads
 only the files the rank needs (the shared ones and its own partitions).
@@ -18,6 +25,8 @@ same way.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import os
@@ -35,6 +44,8 @@ from maestro import storage
 from maestro.errors import CheckpointError
 
 MARKER = "COMPLETE"
+DIGESTS = "DIGESTS.json"  # {"format", "version", "files": {name: {"sha256", "bytes"}}}, before MARKER
+REJECTED = "REJECTED.json"  # a checkpoint that failed `verify`: why, and when
 PREFIX = "checkpoint_"
 UNIVERSAL = "universal"  # subfolder of a checkpoint: its universal form, once converted
 _OWNED = re.compile(r"(?:zero_pp_rank_|^rank)(\d+)_")  # files that belong to one rank
@@ -42,6 +53,43 @@ _OWNED = re.compile(r"(?:zero_pp_rank_|^rank)(\d+)_")  # files that belong to on
 
 def tag(step: int) -> str:
     return f"{PREFIX}{step:08d}"
+
+
+def owner(fname: str) -> int:
+    """The rank that writes file `fname` of a checkpoint (rank 0 for the shared ones)."""
+    found = _OWNED.search(fname)
+    return 0 if found is None else int(found.group(1))
+
+
+def _digests(folder: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """`{name: {"sha256", "bytes"}}` of the files of a checkpoint folder that `rank` wrote."""
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and owner(path.name) == rank:
+            with open(path, "rb") as f:
+                digest, size = file_digest(f)
+            out[path.name] = {"sha256": digest, "bytes": size}
+    return out
+
+
+def file_digest(f: Any) -> tuple[str, int]:
+    """(sha256 hex, bytes) of an open binary file, read in 8 MiB blocks."""
+    h, n = hashlib.sha256(), 0
+    while block := f.read(8 << 20):
+        h.update(block)
+        n += len(block)
+    return h.hexdigest(), n
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested state (dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def code_version() -> dict[str, Any]:
@@ -119,34 +167,122 @@ class CheckpointStore:
         """Write this rank's part of checkpoint `step` (every rank calls this, in step).
 
         `files` are this rank's own (name them `rank{R}_*`); `run_files` are written by rank 0
-        only. Returns after the marker is written and old checkpoints are pruned.
+        only. Returns after the digests and the marker are written and old checkpoints pruned;
+        raises `CheckpointError` on every rank when any rank's write failed (the partial
+        checkpoint is removed first).
         """
         from maestro.parallel import dist
-
-        name = tag(step)
-        staging = self.root if self.local else tempfile.mkdtemp(prefix=f"maestro-{name}-")
         from maestro.parallel.deepspeed import UNIVERSAL_INFO
 
-        engine.save_checkpoint(staging, tag=name, client_state=UNIVERSAL_INFO, save_latest=False)
+        name = tag(step)
+        if rank == 0 and self.fs.exists(self._dir(step)):
+            # One left by a line of training abandoned since (rejected, or cut short): replaced.
+            self.fs.rm(self._dir(step), recursive=True)
+        dist.barrier()
+        staging = self.root if self.local else tempfile.mkdtemp(prefix=f"maestro-{name}-")
         own = dict(files)
         if rank == 0:
             own.update(run_files or {})
-        for fname, data in own.items():
-            Path(staging, name, fname).write_bytes(data)
-        if not self.local:
-            self.fs.put(f"{staging}/{name}/", f"{self._dir(step)}/", recursive=True)
-            shutil.rmtree(staging, ignore_errors=True)
-        dist.barrier()
+        digests: dict[str, dict[str, Any]] = {}
+        failure = None
+        try:
+            engine.save_checkpoint(staging, tag=name, client_state=UNIVERSAL_INFO, save_latest=False)
+            for fname, data in own.items():
+                Path(staging, name, fname).write_bytes(data)
+            digests = _digests(Path(staging, name), rank)
+            if not self.local:
+                self.fs.put(f"{staging}/{name}/", f"{self._dir(step)}/", recursive=True)
+        except OSError as e:
+            failure = self._write_failure(e, step, engine, own)
+        finally:
+            if not self.local:
+                shutil.rmtree(staging, ignore_errors=True)
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (digests, failure))
+        failures = [f for _, f in parts if f is not None]
+        if failures:
+            if rank == 0 and self.fs.exists(self._dir(step)):
+                self.fs.rm(self._dir(step), recursive=True)
+            raise CheckpointError(failures[0])
         if rank == 0:
+            listing = {k: v for part, _ in parts for k, v in part.items()}
+            record = {
+                "format": "maestro-checkpoint-digests",
+                "version": 1,
+                "files": dict(sorted(listing.items())),
+            }
             marker = {"step": step, "time": time.time()}
-            self.fs.pipe_file(f"{self._dir(step)}/{MARKER}", json.dumps(marker).encode())
+            try:
+                self.fs.pipe_file(f"{self._dir(step)}/{DIGESTS}", json.dumps(record, indent=1).encode())
+                self.fs.pipe_file(f"{self._dir(step)}/{MARKER}", json.dumps(marker).encode())
+            except OSError as e:
+                self.fs.rm(self._dir(step), recursive=True)
+                raise CheckpointError(self._write_failure(e, step, engine, own)) from e
             self.prune()
 
+    def _write_failure(self, e: OSError, step: int, engine: Any, own: dict[str, bytes]) -> str:
+        """The one-line account of a failed checkpoint write: the path, the bytes, what to do."""
+        need = tensor_bytes(engine.module.state_dict()) + tensor_bytes(getattr(engine.optimizer, "state", {}))
+        need += sum(len(v) for v in own.values())
+        where = e.filename or f"{self.url}/{tag(step)}"
+        room = ""
+        if self.local:
+            with contextlib.suppress(OSError):
+                room = f", {shutil.disk_usage(self.root).free} bytes free there"
+        reason = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        previous = self.latest()
+        then = "from its start" if previous is None else f"from {self.url}/{tag(previous)}"
+        return (
+            f"cannot write checkpoint {self.url}/{tag(step)}: {reason} writing {where} (this rank's part is "
+            f"about {need} bytes{room}); the partial checkpoint is removed: free space (or set run.storage) "
+            f"and rerun to resume {then}"
+        )
+
     def prune(self) -> None:
-        """Delete every checkpoint folder but the newest `keep` complete ones (half-written ones too)."""
+        """Delete every checkpoint folder but the newest `keep` complete ones and the rejected ones
+        (half-written ones go too)."""
         keep = {tag(s) for s in self.complete_steps()[-self.keep :]}
         for path in self.fs.glob(f"{self.root}/{PREFIX}*"):
-            if path.rstrip("/").split("/")[-1] not in keep:
+            if path.rstrip("/").split("/")[-1] not in keep and not self.fs.exists(f"{path}/{REJECTED}"):
+                self.fs.rm(path, recursive=True)
+
+    def verify(self, step: int) -> str | None:
+        """Check every file of checkpoint `step` against its digests: None when all match, else
+        which file failed and how. A checkpoint from before digests were recorded passes."""
+        try:
+            record = json.loads(self.fs.cat_file(f"{self._dir(step)}/{DIGESTS}"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            return f"its {DIGESTS} is unreadable ({e.__class__.__name__}: {e})"
+        for fname, want in record["files"].items():
+            try:
+                with self.fs.open(f"{self._dir(step)}/{fname}", "rb") as f:
+                    digest, size = file_digest(f)
+            except FileNotFoundError:
+                return f"{fname} is missing"
+            except OSError as e:
+                return f"{fname} is unreadable ({e.__class__.__name__}: {e})"
+            if size != want["bytes"]:
+                return (
+                    f"{fname} holds {size} bytes where {want['bytes']} were written (truncated or replaced)"
+                )
+            if digest != want["sha256"]:
+                return f"{fname} does not match the sha256 recorded when it was written (changed or corrupted since)"
+        return None
+
+    def reject(self, step: int, problem: str) -> None:
+        """Take checkpoint `step` out of the complete ones, keeping its files and the reason."""
+        note = {"step": step, "problem": problem, "time": time.time()}
+        self.fs.pipe_file(f"{self._dir(step)}/{REJECTED}", json.dumps(note).encode())
+        self.fs.rm(f"{self._dir(step)}/{MARKER}")
+
+    def remove_partial(self) -> None:
+        """Delete checkpoint folders that were never completed (a crash or a failed write cut them
+        short): they hold space and are never loaded."""
+        self.fs.invalidate_cache()
+        for path in self.fs.glob(f"{self.root}/{PREFIX}*"):
+            if not (self.fs.exists(f"{path}/{MARKER}") or self.fs.exists(f"{path}/{REJECTED}")):
                 self.fs.rm(path, recursive=True)
 
     def read(self, step: int, fname: str) -> bytes:
@@ -154,8 +290,7 @@ class CheckpointStore:
             return self.fs.cat_file(f"{self._dir(step)}/{fname}")
         except FileNotFoundError as e:
             raise CheckpointError(
-                f"{self.url}/{tag(step)}/{fname} is missing from a checkpoint marked complete; "
-                f"delete {self.url}/{tag(step)} to resume from the one before"
+                f"{self.url}/{tag(step)}/{fname} is missing from a checkpoint marked complete"
             ) from e
 
     def load(self, step: int, engine: Any, rank: int, universal: bool = False) -> None:
@@ -175,8 +310,8 @@ class CheckpointStore:
                 os.makedirs(f"{parent}/{name}")
                 for path in self.fs.ls(source, detail=False):
                     fname = path.rstrip("/").split("/")[-1]
-                    owner = _OWNED.search(fname)
-                    if fname != UNIVERSAL and (owner is None or int(owner.group(1)) == rank):
+                    found = _OWNED.search(fname)  # shared files have no rank in their name
+                    if fname != UNIVERSAL and (found is None or int(found.group(1)) == rank):
                         self.fs.get(path, f"{parent}/{name}/{fname}")
         try:
             with weights_only_loads() if universal else contextlib.nullcontext():
@@ -185,10 +320,7 @@ class CheckpointStore:
             if cleanup:
                 shutil.rmtree(cleanup, ignore_errors=True)
         if loaded is None:
-            raise CheckpointError(
-                f"DeepSpeed found no engine state in {self.url}/{name}; delete that folder to resume "
-                "from the checkpoint before it"
-            )
+            raise CheckpointError(f"DeepSpeed found no engine state in {self.url}/{name}")
 
     def make_universal(self, step: int) -> None:
         """Convert checkpoint `step` to its universal form, unless done already (rank 0 only)."""

@@ -1,8 +1,9 @@
 """The pretraining loop: the same function in a Ray Train worker and in a plain single process.
 
 `train(cfg)` joins the process group, builds the model, the DeepSpeed engine (optimizer and
-schedule from `optim`), the EMA and this rank's shard stream, resumes from the run's newest
-complete checkpoint, and trains to `train.steps`. The hot loop never waits on the device: losses
+schedule from `optim`), the EMA and this rank's shard stream, resumes from the checkpoint that
+`resume.plan` accepts (the newest that verifies, under a config allowed to continue it), and
+trains to `train.steps`. The hot loop never waits on the device: losses
 stay on it until a log step (`metrics.Interval`), where ranks also agree on divergence and on a
 stop request. A checkpoint is written every `train.checkpoint_every` steps, at the end, and when a
 stop is requested (SIGINT/SIGTERM in a plain process, the `STOP` file of the run under Ray).
@@ -13,10 +14,10 @@ resumed run draws the masks the uninterrupted one would have.
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -27,18 +28,14 @@ import torch
 
 from maestro import config, storage
 from maestro.config import Config
-from maestro.errors import CheckpointError, MaestroError
+from maestro.errors import Diverged
 from maestro.model.ema import EMA
 from maestro.parallel import dist
-from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards, reshard_zero3
-from maestro.train import checkpoint, metrics, optim
+from maestro.parallel.deepspeed import build_engine, local_shards
+from maestro.train import checkpoint, metrics, optim, resume
 
 STOP_FILE = "STOP"
 SUMMARY_FILE = "summary.json"
-
-
-class Diverged(MaestroError):
-    """The loss became NaN or infinite; the run stopped without writing a checkpoint after it."""
 
 
 def run_url(cfg: Config) -> str:
@@ -57,17 +54,19 @@ def mask_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return ((seed * 1_000_003 + step) * 4099 + rank) * 257 + micro
 
 
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Model inputs to the device, floating ones in the engine's compute dtype; loader
-    bookkeeping (`_`-prefixed keys) stays behind."""
-    out = {}
-    for k, v in batch.items():
-        if k.startswith("_"):
-            continue
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
-        out[k] = v
-    return out
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Model inputs to the device as they are (the model casts what it computes with, so targets
+    and their statistics come from the loader's own values); loader bookkeeping (`_` keys) stays."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+        if not k.startswith("_")
+    }
+
+
+def reports(step: int, c: Any) -> bool:
+    """Whether `step` is a log step: every `log_every`, every checkpoint and the last step."""
+    return step % c.log_every == 0 or step % c.checkpoint_every == 0 or step == c.steps
 
 
 class Stepper:
@@ -75,7 +74,6 @@ class Stepper:
 
     def __init__(self, engine: Any, ema: EMA | None, device: torch.device, seed: int, rank: int):
         self.engine, self.ema, self.device = engine, ema, device
-        self.dtype = compute_dtype(engine)
         self.seed, self.rank = seed, rank
         self.generator = torch.Generator(device=device)
         self.grad_norm: torch.Tensor | None = None  # stage 0 only, measured on request
@@ -86,9 +84,7 @@ class Stepper:
         outs = []
         for i, batch in enumerate(batches):
             self.generator.manual_seed(mask_seed(self.seed, step, self.rank, i))
-            out = SimpleNamespace(
-                **self.engine(to_device(batch, self.device, self.dtype), generator=self.generator)
-            )
+            out = SimpleNamespace(**self.engine(to_device(batch, self.device), generator=self.generator))
             self.engine.backward(out.loss)
             if measure_norm and i == len(batches) - 1 and self.engine.zero_optimization_stage() == 0:
                 grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
@@ -139,6 +135,15 @@ def training_flops_per_sample(cfg: Config) -> float:
     return 3.0 * float(flops_per_sample(cfg)["total"])
 
 
+def skip_reasons(loader: Any) -> dict[str, int]:
+    """This rank's skipped samples by reason, where the loader counts reasons; otherwise its
+    total under the one reason it counts (samples unreadable as stored)."""
+    if hasattr(loader, "skipped_reasons"):
+        return dict(loader.skipped_reasons())
+    total = loader.skipped_samples()
+    return {"unreadable": total} if total else {}
+
+
 class Trainer:
     """One rank's training state: engine, EMA, shard stream, checkpoints, and (rank 0) TensorBoard."""
 
@@ -147,24 +152,32 @@ class Trainer:
         from maestro.info import tokens
         from maestro.model import build_model
 
-        self.cfg, self.place, self.on_step = cfg, place, on_step
+        self.place, self.on_step = place, on_step
         self.url = run_url(cfg)
         self.store = checkpoint.CheckpointStore(self.url, cfg.train.keep_checkpoints)
-        self.resume_from, stage, self.universal = self._resume_plan()
+        # Decided before anything of the run is written: a refused resume leaves the run as it was.
+        self.resume_from = resume.plan(cfg, self.store, place.rank, place.world_size)
+        stage = None if self.resume_from is None else self.resume_from.stage
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
         optimizer = optim.build_optimizer(cfg, model)
         schedule = optim.build_schedule(cfg, optimizer)
+        use_gpu = place.device.type == "cuda"
         self.engine = build_engine(
             cfg,
             model,
             optimizer,
             schedule,
             place.world_size,
-            place.device.type == "cuda",
+            use_gpu,
             stage,
-            self.universal,
+            self.resume_from is not None and self.resume_from.universal,
         )
+        # The saved config says what runs: the stage kept by a resume, this world's batch.
+        self.cfg = copy.deepcopy(cfg)
+        self.cfg.derived.deepspeed = config.deepspeed_config(cfg, place.world_size, use_gpu, stage)
+        self.cfg.derived.global_batch = self.engine.train_batch_size()
+        self.running = resume.running(self.engine, place.world_size)
         self.ema = EMA(local_shards(self.engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
         self.loader = build_loader(cfg, place.rank, place.world_size, train=True)
         self.stepper = Stepper(self.engine, self.ema, place.device, cfg.train.seed, place.rank)
@@ -177,29 +190,30 @@ class Trainer:
         self.peak = metrics.peak_flops(place.device) * place.world_size
         self.fs, self.root = storage.url_to_fs(self.url)
         self.board: metrics.Board | None = None
+        self.tb_dir = f"{self.root}/tensorboard"
         if place.is_main:
+            for note in () if self.resume_from is None else self.resume_from.notes:
+                console(note)
             if self.store.local:
                 self.fs.makedirs(self.root, exist_ok=True)
-            self.tb_dir = (
-                f"{self.root}/tensorboard" if self.store.local else tempfile.mkdtemp(prefix="maestro-tb-")
-            )
-            self.board = metrics.Board(self.tb_dir)
-            self.fs.pipe_file(f"{self.root}/config.yaml", config.dump(cfg).encode())
+            # On S3 the event files are written to a temporary local folder (removed at close)
+            # and copied up at each flush.
+            self.board = metrics.Board(self.tb_dir if self.store.local else None)
+            self.tb_dir = self.board.log_dir
+            self.board.writer.add_text("run/what_runs", json.dumps(self.running))
+            self.fs.pipe_file(f"{self.root}/config.yaml", config.dump(self.cfg).encode())
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def _ema_name(self) -> str:
-        return f"rank{self.place.rank}_ema.pt" if self.engine.zero_optimization_stage() == 3 else "ema.pt"
-
     def save(self, step: int) -> None:
-        r = self.place.rank
+        r, stage = self.place.rank, self.engine.zero_optimization_stage()
         files = {f"rank{r}_data.pt": checkpoint.encode(self.loader.state_dict())}
         run_files = {
             "state.json": json.dumps(
                 {
                     "step": step,
                     "world_size": self.place.world_size,
-                    "zero_stage": self.engine.zero_optimization_stage(),
+                    "zero_stage": stage,
                     "steps": self.cfg.train.steps,
                 }
             ).encode(),
@@ -207,77 +221,22 @@ class Trainer:
             "version.json": json.dumps(checkpoint.code_version()).encode(),
         }
         if self.ema is not None:
-            owner = files if self.engine.zero_optimization_stage() == 3 else run_files
-            owner[self._ema_name()] = checkpoint.encode(self.ema.state_dict())
+            owner = files if stage == 3 else run_files
+            owner[resume.ema_name(stage, r)] = checkpoint.encode(self.ema.state_dict())
         self.store.save(step, self.engine, r, files, run_files)
         self.sync_board()
 
-    def _resume_plan(self) -> tuple[tuple[int, dict] | None, int | None, bool]:
-        """The newest complete checkpoint (step, its state.json) or None; the ZeRO stage to build the
-        engine with (a resumed run keeps the one it started with); whether to load its universal form
-        (written by another number of workers: rank 0 converts it here, once)."""
-        found: list[Any] = [None]
-        if self.place.is_main:
-            step = self.store.latest()
-            found = [None if step is None else (step, json.loads(self.store.read(step, "state.json")))]
-        torch.distributed.broadcast_object_list(found, src=0)
-        if found[0] is None:
-            return None, None, False
-        step, state = found[0]
-        if state.get("steps", self.cfg.train.steps) != self.cfg.train.steps:
-            raise CheckpointError(
-                f"{self.url} was started for {state['steps']} steps and its one-cycle schedule runs to "
-                f"that step; resume it with train.steps={state['steps']}, or train longer under a new run.name"
-            )
-        stage, universal = state["zero_stage"], state["world_size"] != self.place.world_size
-        universal = universal and stage > 0  # stage 0 holds whole optimizer state: it loads anywhere
-        if universal:
-            if self.place.is_main:
-                console(
-                    f"{self.url}/{checkpoint.tag(step)} was written by {state['world_size']} workers, this run "
-                    f"has {self.place.world_size}: loading its universal form (ZeRO stage {stage} kept)"
-                )
-                self.store.make_universal(step)
-            dist.barrier()
-        return (step, state), stage, universal
-
-    def _data_states(self, step: int, state: dict) -> None:
-        own = checkpoint.decode(self.store.read(step, f"rank{self.place.rank}_data.pt"))
-        if (own["world_size"], own["workers"]) == (self.place.world_size, self.loader.plan.workers):
-            self.loader.load_state_dict(own)
-            return
-        states = [
-            own if r == self.place.rank else checkpoint.decode(self.store.read(step, f"rank{r}_data.pt"))
-            for r in range(state["world_size"])
-        ]
-        self.loader.resume(states)
-
-    def _ema_state(self, step: int, state: dict) -> None:
-        assert self.ema is not None
-        if state["zero_stage"] < 3:
-            self.ema.load_state_dict(checkpoint.decode(self.store.read(step, "ema.pt")))
-        elif state["world_size"] == self.place.world_size:
-            self.ema.load_state_dict(checkpoint.decode(self.store.read(step, self._ema_name())))
-        else:  # ZeRO-3 partitions of another world size
-            parts = [
-                checkpoint.decode(self.store.read(step, f"rank{r}_ema.pt"))["shadow"]
-                for r in range(state["world_size"])
-            ]
-            shadow = reshard_zero3(parts, self.engine.module, self.place.rank)
-            self.ema.load_state_dict({"momentum": self.ema.momentum, "shadow": shadow})
-
     def restore(self) -> int:
-        """Load the newest complete checkpoint, if any; return its step (0 for a fresh run)."""
-        if self.resume_from is None:
+        """Load the checkpoint the resume plan chose, if any; return its step (0 for a fresh run)."""
+        p = self.resume_from
+        if p is None:
             return 0
-        step, state = self.resume_from
-        self.store.load(step, self.engine, self.place.rank, self.universal)
-        self._data_states(step, state)
-        if self.ema is not None:
-            self._ema_state(step, state)
+        resume.restore(
+            self.store, p, self.engine, self.loader, self.ema, self.place.rank, self.place.world_size
+        )
         if self.place.is_main:
-            console(f"resumed from {self.url}/{checkpoint.tag(step)} (step {step})")
-        return step
+            console(f"resumed from {self.url}/{checkpoint.tag(p.step)} (step {p.step})")
+        return p.step
 
     def sync_board(self) -> None:
         """Flush TensorBoard; for remote runs copy the event files to `RUN/tensorboard`."""
@@ -313,6 +272,9 @@ class Trainer:
                 "perf/step_time_s": seconds / steps,
                 "mem/peak_gb": metrics.peak_memory_gb(self.place.device),
                 "data/skipped_samples": reduced["skipped"],
+                "run/workers": self.running["workers"],
+                "run/zero_stage": self.running["stage"],
+                "train/global_batch": self.running["global_batch"],
             }
         )
         if self.peak:
@@ -321,13 +283,11 @@ class Trainer:
         self.board.scalars(step, values)
         console(metrics.progress_line(step, self.cfg.train.steps, losses["loss"], sps, seconds / steps))
 
-    def images(self, step: int, out: Any) -> None:
+    def images(self, step: int, out: Any, batch: dict[str, Any]) -> None:
         assert self.board is not None
-        for m in self.cfg.derived.modalities:
-            panel = metrics.reconstruction_panel(
-                out.targets[m][0, 0], out.reconstructions[m][0, 0], out.pixel_masks[m][0, 0]
-            )
-            self.board.image(step, f"images/{m}", panel)
+        for m, spec in self.cfg.derived.modalities.items():
+            image, caption = metrics.sample_panel(m, spec, self.cfg.loss.target_norm, out, batch)
+            self.board.image(step, f"images/{m}", image, caption)
 
     def run(self, stop: StopSignal) -> dict[str, Any]:
         c = self.cfg.train
@@ -343,18 +303,16 @@ class Trainer:
                 data_wait += time.perf_counter() - t
                 self.interval.count(*batch_counts(micro[-1], self.tokens_per_sample))
             lr = self.engine.get_lr()[0]  # a host float: the learning rate this step uses
-            ahead = step + 1
-            logs_next = ahead % c.log_every == 0 or ahead % c.checkpoint_every == 0 or ahead == c.steps
-            outs = self.stepper(step, micro, measure_norm=logs_next)
+            log_step = reports(step + 1, c)
+            outs = self.stepper(step, micro, measure_norm=log_step)
             step += 1
             for out in outs:
                 self.interval.add(step, [out.loss, *(out.loss_per_modality[m] for m in self.names[1:])])
             if self.board is not None and step % c.image_every == 0:
-                self.images(step, outs[-1])
+                self.images(step, outs[-1], micro[-1])
             if self.on_step is not None:
                 self.on_step(step, self.engine)
-            save_due = step % c.checkpoint_every == 0 or step == c.steps
-            if not (save_due or step % c.log_every == 0):
+            if not log_step:
                 continue
             wants_stop = stop.requested or (self.place.is_main and self.stop_file_present())
             reduced = self.interval.reduce(self.loader.skipped_samples(), wants_stop)
@@ -372,7 +330,7 @@ class Trainer:
                 self.log(step, reduced, lr, now - last_time, step - last_log, data_wait)
             last_log, last_time, data_wait = step, now, 0.0
             stopped = reduced["stop"]
-            if save_due or stopped:
+            if step % c.checkpoint_every == 0 or step == c.steps or stopped:
                 self.save(step)
         self.sync_board()
         return {
@@ -382,7 +340,19 @@ class Trainer:
             "samples": self.samples_trained,
             "stopped": stopped,
             "run": self.url,
+            "skipped": self.skip_summary(),
+            **self.running,
         }
+
+    def skip_summary(self) -> dict[str, Any]:
+        """`{"total", "reasons"}` of the samples skipped by all ranks (every rank calls this)."""
+        parts: list[Any] = [None] * self.place.world_size
+        torch.distributed.all_gather_object(parts, skip_reasons(self.loader))
+        reasons: dict[str, int] = {}
+        for part in parts:
+            for reason, n in part.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        return {"total": sum(reasons.values()), "reasons": reasons}
 
     def _last_checkpoint(self) -> str:
         latest = self.store.latest()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from maestro import config
 from maestro.config import Config
 
 
@@ -28,8 +29,12 @@ def parameter_groups(cfg: Config, model: torch.nn.Module) -> list[dict]:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW over whole tensors in a few kernels: fused on GPUs, foreach (multi-tensor) on CPU."""
     betas = (cfg.optim.betas[0], cfg.optim.betas[1])
-    return torch.optim.AdamW(parameter_groups(cfg, model), lr=cfg.derived.lr, betas=betas, foreach=True)
+    fused = config.uses_gpu(cfg)
+    return torch.optim.AdamW(
+        parameter_groups(cfg, model), lr=cfg.derived.lr, betas=betas, fused=fused, foreach=not fused
+    )
 
 
 def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.OneCycleLR:

@@ -118,5 +118,8 @@ def check_storage(cfg: Config) -> None:
 
 
 def check(cfg: Config) -> None:
+    from maestro.train.resume import check_config
+
     check_shards(cfg)
     check_storage(cfg)
+    check_config(cfg, run_url(cfg))  # a resume the checkpoint refuses stops before any worker starts

@@ -1,0 +1,190 @@
+"""Resuming a run: a changed config is refused or accepted key by key, and a run resumes at another
+number of workers in both directions (real DeepSpeed on gloo; ranks as spawned processes over a
+FileStore), including the demo's bf16 ZeRO-2 engine path on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from maestro import config
+from maestro.errors import CheckpointError
+from maestro.train import checkpoint, resume
+from maestro.train.loop import train
+
+pytestmark = pytest.mark.usefixtures("clean_group_env")
+
+
+class StopAt:
+    """Ctrl-C on rank 0 after `step`: the run writes a checkpoint there and returns."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, step: int, engine) -> None:
+        if step == self.step and torch.distributed.get_rank() == 0:
+            signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize(
+    "override, keys",
+    [
+        ("data.batch_size=4", "data.batch_size"),
+        ("optim.base_lr=0.001", "optim.base_lr"),
+        ("model.size=tiny", "model.size"),
+    ],
+)
+def test_changed_key_that_cannot_change_is_refused_in_one_line(override, keys, small_run, tmp_path):
+    cfg = small_run("fixed")
+    first = train(cfg, on_step=StopAt(2))
+    assert first["stopped"] and first["step"] == 2
+    saved = (tmp_path / "fixed" / "config.yaml").read_bytes()
+    with pytest.raises(CheckpointError, match=keys):  # what the launcher checks before workers start
+        resume.check_config(small_run("fixed", override), str(tmp_path / "fixed"))
+    with pytest.raises(CheckpointError) as e:
+        train(small_run("fixed", override))
+    message = str(e.value)
+    where = f"{tmp_path}/fixed/{checkpoint.tag(2)}"
+    assert message.startswith(f"cannot resume {where} with other values of {keys}: ") and "\n" not in message
+    old = yaml.safe_load(saved)
+    section, key = keys.split(".")
+    assert f"trained with {keys}={old[section][key]} (this config: {override})" in message
+    assert "another run.name" in message
+    assert (tmp_path / "fixed" / "config.yaml").read_bytes() == saved  # not overwritten
+
+
+def test_several_fixed_keys_are_named_together(small_run, tmp_path):
+    train(small_run("many", "train.steps=2"))
+    with pytest.raises(
+        CheckpointError, match=r"other values of data\.batch_size, optim\.base_lr, train\.steps: "
+    ):
+        train(small_run("many", "data.batch_size=4", "optim.base_lr=0.001", "train.steps=3"))
+
+
+def test_changed_accumulation_and_logging_are_accepted_and_printed(small_run, tmp_path, capsys):
+    train(small_run("changes"), on_step=StopAt(2))
+    capsys.readouterr()
+    changed = small_run("changes", "train.grad_accum=2", "train.log_every=2")
+    resumed = train(changed)
+    out = capsys.readouterr().out
+    assert "with changed settings: train.grad_accum 1 → 2; train.log_every 1 → 2" in out
+    assert resumed["start_step"] == 2 and resumed["step"] == 4 and resumed["global_batch"] == 4
+    saved = yaml.safe_load((tmp_path / "changes" / "config.yaml").read_text())
+    assert saved["train"]["grad_accum"] == 2  # written once the resume was accepted
+
+
+def _rank(rank: int, world: int, store_file: str, raw: dict, out: str, stop: int | None) -> None:
+    """One rank of a `world`-rank group in a spawned process: a launcher's part, then `train`."""
+    from maestro.parallel import dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.skip_shm_op_build()
+    store = torch.distributed.FileStore(store_file, world)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    summary = train(config.from_dict(raw), on_step=None if stop is None else StopAt(stop))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
+
+
+def _ranks(cfg, tmp_path, stop: int | None = None) -> dict:
+    """Train `cfg` on `run.workers` spawned ranks; rank 0's summary."""
+    world = cfg.run.workers
+    work = Path(tempfile_dir(tmp_path))
+    raw = {k: v for k, v in cfg.to_dict().items() if k != "derived"}
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_rank, args=(r, world, str(work / "store"), raw, str(work), stop))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0] * world
+    return json.loads((work / "rank0.json").read_text())
+
+
+def tempfile_dir(tmp_path) -> str:
+    """A fresh folder for one group's store and summaries."""
+    n = len(list(tmp_path.glob("group-*")))
+    path = tmp_path / f"group-{n}"
+    path.mkdir()
+    return str(path)
+
+
+def _what(summary: dict) -> dict:
+    return {k: summary[k] for k in ("stage", "precision", "optimizer", "global_batch", "workers")}
+
+
+def test_one_worker_run_resumes_on_two_and_back_on_one(small_run, tmp_path):
+    """ZeRO 0 (what a one-worker run trains with) in both directions; each rank's data state is
+    read only where the saved layout is this run's, so rank 1 never looks for a file a
+    one-worker checkpoint has not got."""
+    cfg = small_run("grow", "train.steps=6")
+    assert train(cfg, on_step=StopAt(2))["step"] == 2
+    two = small_run("grow", "train.steps=6", "run.workers=2")
+    assert resume.what_runs(two, str(tmp_path / "grow"))["stage"] == 0
+    grown = _ranks(two, tmp_path, stop=4)
+    assert (grown["start_step"], grown["step"], grown["stopped"]) == (2, 4, True)
+    assert _what(grown) == resume.what_runs(two, str(tmp_path / "grow")) | {"workers": 2}
+    files = set(os.listdir(tmp_path / "grow" / checkpoint.tag(4)))
+    assert {"rank0_data.pt", "rank1_data.pt"} <= files
+    shrunk = train(cfg)
+    assert (shrunk["start_step"], shrunk["step"]) == (4, 6)
+    assert checkpoint.CheckpointStore(str(tmp_path / "grow"), keep=3).complete_steps() == [2, 4, 6]
+
+
+@pytest.mark.parametrize(
+    "stage", [2, pytest.param(1, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)]
+)
+def test_demo_bf16_engine_on_two_workers_resumes_on_one_and_two_again(stage, tmp_path, train_archive):
+    """The demo config's engine path in bf16 on CPU: 2 workers at ZeRO `stage`, then 1 worker (the
+    checkpoint's universal form, the stage kept and reported as such), then 2 again."""
+    base = [
+        "model.size=debug",
+        "model.inter_depth=1",
+        "data.batch_size=2",
+        "data.workers=0",
+        f"data.shards={train_archive}",
+        f"run.storage={tmp_path}",
+        "run.name=demo",
+        "run.use_gpu=false",
+        "train.precision=bf16",
+        f"train.zero_stage={stage}",
+        "train.steps=4",
+        "train.checkpoint_every=100",
+        "train.log_every=1",
+        "train.image_every=100",
+    ]
+    two = config.load("configs/demo.yaml", [*base, "run.workers=2"])
+    first = _ranks(two, tmp_path, stop=2)
+    assert (first["step"], first["stopped"]) == (2, True)
+    optimizer = "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"
+    assert _what(first) == {
+        "stage": stage,
+        "precision": "bf16",
+        "optimizer": optimizer,
+        "global_batch": 4,
+        "workers": 2,
+    }
+    assert first["loss"] == first["loss"]  # finite from the first log step (NaN would have stopped it)
+    one = config.load("configs/demo.yaml", [*base, "run.workers=1"])
+    predicted = resume.what_runs(one, str(tmp_path / "demo"))
+    assert predicted["stage"] == stage  # the banner's view: the resumed run keeps its stage
+    middle = train(one, on_step=StopAt(3))
+    assert (middle["start_step"], middle["step"]) == (2, 3)
+    assert _what(middle) == predicted
+    saved = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())
+    assert saved["derived"]["deepspeed"]["zero_optimization"]["stage"] == stage  # what ran, not 0
+    assert saved["derived"]["global_batch"] == 2
+    last = _ranks(two, tmp_path)
+    assert (last["start_step"], last["step"], last["stopped"]) == (3, 4, False)
+    assert checkpoint.CheckpointStore(str(tmp_path / "demo"), keep=3).complete_steps() == [2, 3, 4]
