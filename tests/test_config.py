@@ -13,6 +13,8 @@ from maestro import config
 from maestro.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+OVERLAYS = [p for p in CONFIGS if p.name == "local.yaml"]  # applied over a preset, not alone
+PRESETS = [p for p in CONFIGS if p not in OVERLAYS]
 
 
 def test_defaults_resolve():
@@ -22,7 +24,7 @@ def test_defaults_resolve():
     assert cfg.derived.groups == {"aerial": ["aerial"], "s2": ["s2"], "s1": ["s1_asc", "s1_des"]}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", PRESETS, ids=[p.name for p in PRESETS])
 def test_every_shipped_config_loads_and_resolves(path):
     cfg = config.load(path)
     assert cfg.derived.modalities and cfg.derived.global_batch >= 1 and cfg.derived.lr > 0
@@ -37,6 +39,21 @@ def test_every_shipped_config_loads_and_resolves(path):
             assert getattr(getattr(defaults, section), key) != value, (
                 f"{path.name}: {section}.{key} equals the default"
             )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[p.name for p in OVERLAYS])
+def test_every_overlay_applies_over_every_preset_and_each_key_changes_one(overlay):
+    raw = yaml.safe_load(overlay.read_text())
+    presets = {p: yaml.safe_load(p.read_text()) for p in PRESETS}
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert any(p.get(section, {}).get(key, value) != value for p in presets.values()), (
+                f"{overlay.name}: {section}.{key} changes no shipped preset"
+            )
+    for path in PRESETS:  # the overlay's values win over the preset's (`auto` resolved to a count)
+        cfg = config.load(path, [str(overlay)])
+        assert cfg.run.storage == raw["run"]["storage"] and cfg.derived.global_batch >= 1
+        assert isinstance(cfg.run.workers, int) and cfg.run.workers >= 1
 
 
 def test_overrides_apply_with_yaml_types():
