@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from maestro import config, info
 
@@ -58,6 +59,19 @@ def test_fusion_modes_and_mask_scale():
     assert scaled["groups"]["aerial"]["visible"] == 56  # one date: unchanged
 
 
-def test_banker_rounding_as_the_reference():
-    assert info.masked_count(0.5, 5) == 2  # Python round(2.5) == 2
-    assert info.masked_count(0.75, 225) == 169
+@pytest.mark.parametrize("fusion", ["monotemp", "group"])
+def test_info_visible_counts_are_what_the_model_keeps_at_a_high_ratio(fusion, small_config, make_batch):
+    """At mask.ratio=0.95 a 9-token image would round to 9 masked; the model keeps one visible."""
+    from maestro.model import build_model
+
+    cfg = small_config(f"model.fusion={fusion}", "model.inter_depth=0", "mask.ratio=0.95")
+    tokens = info.tokens(cfg)
+    with torch.no_grad():
+        out = build_model(cfg)(make_batch(cfg), generator=torch.Generator().manual_seed(0))
+    kept = {k: (~v).sum(1).tolist() for k, v in out.masks.items()}
+    assert kept == {k: [v["visible"]] * 2 for k, v in tokens["groups"].items()}
+    if fusion == "monotemp":
+        s2 = cfg.derived.modalities["s2"]
+        assert tokens["groups"]["s2"]["visible"] == s2.num_dates * len(s2.groups)  # one per image
+    flops = info.report(cfg)["flops_per_sample"]
+    assert flops["total"] == flops["encoder"] + flops["decoder"]
