@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from maestro.config import Config
 
 Batch = dict[str, Tensor]
+LAYOUTS = 32  # packed layouts kept per model (see `MAESTRO.layout`)
 
 
 class MAESTRO(nn.Module):
@@ -137,6 +138,7 @@ class MAESTRO(nn.Module):
             self.register_buffer(f"pos_dec_{m}", position_encoding(dec_table, s.grid), persistent=False)
         self.masking = SequenceMasks(self.specs, self.members, self.per_image, mask or MaskRule())
         self.geometry = {m: Geometry(tuple(s.groups), s.grid, s.patch_size) for m, s in self.specs.items()}
+        self._layouts: dict[tuple, PackedLayout] = {}
 
     def pos_enc(self, m: str, decoder: bool = False) -> Tensor:
         return getattr(self, f"pos_{'dec' if decoder else 'enc'}_{m}")
@@ -144,8 +146,15 @@ class MAESTRO(nn.Module):
     # --- entry: every batch as packed rows of its real dates ----------------------------------
 
     def layout(self, dates: dict[str, list[int]], device) -> PackedLayout:
-        """The packed layout of samples holding `dates` (per modality, per sample)."""
-        return build_layout(dates, self.specs, self.members, self.per_image, device)
+        """The packed layout of samples holding `dates` (per modality, per sample). Layouts are kept
+        per date counts (`LAYOUTS` of them, the oldest dropped first): a run of padded batches of
+        one shape builds its index maps once."""
+        key = (str(device), *(tuple(dates[m]) for m in self.specs))
+        if key not in self._layouts:
+            if len(self._layouts) >= LAYOUTS:
+                del self._layouts[next(iter(self._layouts))]
+            self._layouts[key] = build_layout(dates, self.specs, self.members, self.per_image, device)
+        return self._layouts[key]
 
     def _entry(self, batch: Batch) -> tuple[Batch, Padding | None, PackedLayout]:
         """The batch as a packed batch of its real dates, the padding to restore in the outputs

@@ -135,7 +135,7 @@ def padding_of(
             )
         dates[m], counts[m], tokens[m], per_date[m] = t, c, g * t * n, n
         full[m] = all(v == t for v in c)
-        pos[m] = [_sample_positions(g, t, n, v) for v in c]
+        pos[m] = None if full[m] else [_sample_positions(g, t, n, v) for v in c]
         date_rows[m] = (
             None if full[m] else dev(np.concatenate([i * t + np.arange(v) for i, v in enumerate(c)]))
         )
@@ -149,6 +149,11 @@ def padding_of(
             key_rows[key] = None
             continue
         offsets = np.cumsum([0] + [tokens[m] for m in ms])
-        parts = [i * length + offsets[j] + pos[m][i] for i in range(b) for j, m in enumerate(ms)]
+        every = {m: np.arange(tokens[m]) for m in ms}  # a sample holding all dates: every position
+        parts = [
+            i * length + offsets[j] + (every[m] if pos[m] is None else pos[m][i])
+            for i in range(b)
+            for j, m in enumerate(ms)
+        ]
         key_rows[key] = dev(np.concatenate(parts))
     return Padding(b, dates, counts, tokens, per_date, date_rows, token_rows, key_lengths, key_rows)
