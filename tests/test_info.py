@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from maestro import config, info
+from maestro import cli, config, info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,15 +20,10 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("dataset", list(EXPECTED))
-def test_cli_info_json_matches_reference(dataset):
-    r = subprocess.run(
-        [sys.executable, "-m", "maestro.cli", "info", f"configs/{dataset}.yaml", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
-    rep = json.loads(r.stdout.strip().splitlines()[-1])
+def test_cli_info_json_matches_reference(dataset, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert cli.main(["info", f"configs/{dataset}.yaml", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     total, visible, groups = EXPECTED[dataset]
     assert (rep["tokens"]["total"], rep["tokens"]["visible"]) == (total, visible)
     assert {g: (v["total"], v["visible"]) for g, v in rep["tokens"]["groups"].items()} == groups
