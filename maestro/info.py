@@ -1,8 +1,8 @@
 """`maestro info`: what a config costs per sample, before any work starts.
 
 Tokens per modality and per fusion group (total, and visible to the encoder at the configured mask
-ratio: `round(ratio · L)` tokens masked per sequence), then parameters per part and FLOPs per sample
-when the model package is available.
+ratio: `maestro.model.masking.masked_count` tokens masked per sequence, the model's own rule), then
+parameters per part and FLOPs per sample.
 """
 
 from __future__ import annotations
@@ -10,50 +10,29 @@ from __future__ import annotations
 from typing import Any
 
 from maestro.config import Config
-
-
-def group_mask_ratio(cfg: Config, dates_times_groups: int) -> float:
-    """Per-sequence mask ratio `1 − (1 − r) / n^scale` (n: dates × band groups in the sequence)."""
-    r, s = cfg.mask.ratio, cfg.mask.scale
-    return 1.0 - (1.0 - r) / (dates_times_groups**s)
-
-
-def masked_count(ratio: float, length: int) -> int:
-    """Tokens masked in a sequence of `length`: Python's `round` (banker's rounding), as the reference."""
-    return round(ratio * length)
+from maestro.model.flops import flops_per_sample, parameter_counts
+from maestro.model.fusion import PER_IMAGE, sequence_tokens
+from maestro.model.mae import mask_rule, sequence_members
 
 
 def sequences(cfg: Config) -> dict[str, list[str]]:
-    """The encoder's sequences per sample: key -> modalities, by fusion mode.
-
-    `group`: one sequence per fusion group; `mod`: one per modality; `shared`/`monotemp`: one per
-    image (date and band group) of each modality, reported per modality.
-    """
-    mods = cfg.derived.modalities
-    if cfg.model.fusion == "group":
-        return dict(cfg.derived.groups)
-    return {m: [m] for m in mods}
+    """The encoder's sequence keys per sample: key -> modalities, by fusion mode (`shared` and
+    `monotemp` have one sequence per image of each modality, reported per modality)."""
+    return sequence_members(cfg)
 
 
 def tokens(cfg: Config) -> dict[str, Any]:
     """Token counts per modality and per sequence key (the JSON shape of DESIGN.md)."""
     mods = cfg.derived.modalities
+    members = sequences(cfg)
+    per_key = sequence_tokens(mods, members, cfg.model.fusion in PER_IMAGE, mask_rule(cfg))
     out_mods: dict[str, dict[str, int]] = {}
     out_groups: dict[str, dict[str, int]] = {}
-    for key, members in sequences(cfg).items():
-        total = sum(mods[m].tokens for m in members)
-        if cfg.model.fusion in ("shared", "monotemp"):
-            # Each image is its own sequence, masked at the plain ratio.
-            visible = 0
-            for m in members:
-                per_image = mods[m].tokens_per_date
-                images = mods[m].num_dates * len(mods[m].groups)
-                visible += images * (per_image - masked_count(cfg.mask.ratio, per_image))
-        else:
-            n = sum(mods[m].num_dates * len(mods[m].groups) for m in members)
-            visible = total - masked_count(group_mask_ratio(cfg, n), total)
+    for key, ms in members.items():
+        seq = per_key[key]
+        total, visible = seq.sequences * seq.length, seq.sequences * seq.visible
         out_groups[key] = {"total": total, "visible": visible}
-        for m in members:
+        for m in ms:
             # Inside a shared sequence the split between modalities is random; report the expectation.
             out_mods[m] = {"total": mods[m].tokens, "visible": round(mods[m].tokens * visible / total)}
     return {
@@ -72,8 +51,6 @@ def report(cfg: Config) -> dict[str, Any]:
         "fusion": cfg.model.fusion,
         "tokens": tokens(cfg),
     }
-    from maestro.model.flops import flops_per_sample, parameter_counts
-
     out["parameters"] = parameter_counts(cfg)
     out["flops_per_sample"] = flops_per_sample(cfg)
     return out

@@ -137,3 +137,43 @@ def small_run(train_archive, tmp_path):
         )
 
     return make
+
+
+# --- small model configs and synthetic model batches ---------------------------------------------
+
+# TreeSatAI-TS at `model.size=debug` with a 3×3-token aerial image: every model test well under a
+# second. `debug` has 2 blocks, so one joint block.
+SMALL_MODEL = ["model.size=debug", "model.inter_depth=1", "data.modalities.aerial.image_size=60"]
+
+
+def small_config(*overrides: str):
+    """The shared small config (`SMALL_MODEL`) with further `section.key=value` overrides."""
+    from maestro import config
+
+    return config.from_dict({}, [*SMALL_MODEL, *overrides])
+
+
+def make_batch(cfg, batch: int = 2, seed: int = 0, dates: dict[str, int] | None = None) -> dict:
+    """A padded model batch with the shapes `cfg` implies: random values (B, T, C, H, W) per input
+    modality (T = `dates[m]`, else its num_dates), sorted dates in 2020, reference date mid-year."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for m, s in cfg.derived.modalities.items():
+        t = (dates or {}).get(m, s.num_dates)
+        out[m] = torch.rand(batch, t, s.channels, s.image_size, s.image_size, generator=g)
+        doy = torch.sort(torch.randint(1, 366, (batch, t), generator=g), dim=1).values
+        out[f"{m}_dates"] = torch.stack([torch.full_like(doy, 2020), doy, torch.zeros_like(doy)], -1)
+    out["ref_date"] = torch.tensor([[[2020, 182, 0]]]).repeat(batch, 1, 1)
+    return out
+
+
+@pytest.fixture(name="small_config")
+def _small_config_fixture():
+    """`small_config(*overrides)`: the shared small model config."""
+    return small_config
+
+
+@pytest.fixture(name="make_batch")
+def _make_batch_fixture():
+    """`make_batch(cfg, batch=2, seed=0, dates=None)`: a synthetic padded model batch."""
+    return make_batch

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from maestro import config, info
+from maestro import cli, config, info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,15 +20,10 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("dataset", list(EXPECTED))
-def test_cli_info_json_matches_reference(dataset):
-    r = subprocess.run(
-        [sys.executable, "-m", "maestro.cli", "info", f"configs/{dataset}.yaml", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
-    rep = json.loads(r.stdout.strip().splitlines()[-1])
+def test_cli_info_json_matches_reference(dataset, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert cli.main(["info", f"configs/{dataset}.yaml", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     total, visible, groups = EXPECTED[dataset]
     assert (rep["tokens"]["total"], rep["tokens"]["visible"]) == (total, visible)
     assert {g: (v["total"], v["visible"]) for g, v in rep["tokens"]["groups"].items()} == groups
@@ -58,6 +52,19 @@ def test_fusion_modes_and_mask_scale():
     assert scaled["groups"]["aerial"]["visible"] == 56  # one date: unchanged
 
 
-def test_banker_rounding_as_the_reference():
-    assert info.masked_count(0.5, 5) == 2  # Python round(2.5) == 2
-    assert info.masked_count(0.75, 225) == 169
+@pytest.mark.parametrize("fusion", ["monotemp", "group"])
+def test_info_visible_counts_are_what_the_model_keeps_at_a_high_ratio(fusion, small_config, make_batch):
+    """At mask.ratio=0.95 a 9-token image would round to 9 masked; the model keeps one visible."""
+    from maestro.model import build_model
+
+    cfg = small_config(f"model.fusion={fusion}", "model.inter_depth=0", "mask.ratio=0.95")
+    tokens = info.tokens(cfg)
+    with torch.no_grad():
+        out = build_model(cfg)(make_batch(cfg), generator=torch.Generator().manual_seed(0))
+    kept = {k: (~v).sum(1).tolist() for k, v in out.masks.items()}
+    assert kept == {k: [v["visible"]] * 2 for k, v in tokens["groups"].items()}
+    if fusion == "monotemp":
+        s2 = cfg.derived.modalities["s2"]
+        assert tokens["groups"]["s2"]["visible"] == s2.num_dates * len(s2.groups)  # one per image
+    flops = info.report(cfg)["flops_per_sample"]
+    assert flops["total"] == flops["encoder"] + flops["decoder"]

@@ -4,17 +4,14 @@ and `model.kernels=torch` (pure-torch references)."""
 from __future__ import annotations
 
 import torch
-from test_model_batches import make_batch
 
-from maestro import config
 from maestro.model import build_model
 
-SMALL = ["data.modalities.aerial.image_size=60"]  # TreeSatAI-TS with a 3×3-token aerial image
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, interpreter on CPU
 
 
-def _losses(kernels: str, overrides: list[str], steps: int = 2) -> list[torch.Tensor]:
-    cfg = config.from_dict({}, [*SMALL, f"model.kernels={kernels}", *overrides])
+def _losses(kernels: str, small_config, make_batch, steps: int = 2) -> list[torch.Tensor]:
+    cfg = small_config(f"model.kernels={kernels}")
     torch.manual_seed(0)
     model = build_model(cfg).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -34,11 +31,11 @@ def _losses(kernels: str, overrides: list[str], steps: int = 2) -> list[torch.Te
     return out
 
 
-def test_triton_and_torch_kernels_train_to_the_same_loss():
+def test_triton_and_torch_kernels_train_to_the_same_loss(small_config, make_batch):
     """The reference recipe's loss (l1, patch_group); the raw-target and l2 paths are covered op by op
     in test_kernels_group_norm_target.py."""
-    torch_losses = _losses("torch", [])
-    triton_losses = _losses("triton", [])
+    torch_losses = _losses("torch", small_config, make_batch)
+    triton_losses = _losses("triton", small_config, make_batch)
     assert all(torch.isfinite(x).all() for x in torch_losses)
     assert not torch.equal(torch_losses[0], torch_losses[-1])  # the steps did train
     for a, b in zip(triton_losses, torch_losses):

@@ -1,30 +1,22 @@
-"""The model end to end on the tiny preset: shapes per fusion mode, gradients, determinism, invalid
-pixels, variable date counts, and a short run that lowers the loss."""
+"""The model end to end on the debug preset: shapes per fusion mode, gradients, determinism, invalid
+pixels, variable date counts, padded batches, bf16, and a short run that lowers the loss."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_model_batches import make_batch
 
 from maestro import config, info
 from maestro.errors import ConfigError
 from maestro.model import build_model
 
-# TreeSatAI-TS with a small aerial image keeps every test well under a second.
-SMALL = ["data.modalities.aerial.image_size=60"]
-
-
-def small_cfg(*overrides: str):
-    return config.from_dict({}, [*SMALL, *overrides])
-
 
 @pytest.mark.parametrize(
     "fusion,inter",
-    [("group", 3), ("group", 0), ("mod", 3), ("mod", 0), ("monotemp", 0), ("shared", 0)],
+    [("group", 1), ("group", 0), ("mod", 1), ("mod", 0), ("monotemp", 0), ("shared", 0)],
 )
-def test_shapes_for_every_fusion_mode(fusion, inter):
-    cfg = small_cfg(f"model.fusion={fusion}", f"model.inter_depth={inter}")
+def test_shapes_for_every_fusion_mode(fusion, inter, small_config, make_batch):
+    cfg = small_config(f"model.fusion={fusion}", f"model.inter_depth={inter}")
     torch.manual_seed(0)
     model = build_model(cfg)
     batch = make_batch(cfg)
@@ -50,33 +42,33 @@ def test_shapes_for_every_fusion_mode(fusion, inter):
             per_image = (~out.masks[m]).view(2, -1, s.tokens_per_date).sum(-1)
             assert (per_image == s.tokens_per_date - round(0.75 * s.tokens_per_date)).all()
     enc = model.encode(batch)
-    assert {m: tuple(v.shape) for m, v in enc.items()} == {m: (2, s.tokens, 192) for m, s in mods.items()}
+    assert {m: tuple(v.shape) for m, v in enc.items()} == {m: (2, s.tokens, 32) for m, s in mods.items()}
 
 
-def test_shared_mode_uses_one_encoder_and_decoder():
-    model = build_model(small_cfg("model.fusion=shared", "model.inter_depth=0"))
+def test_shared_mode_uses_one_encoder_and_decoder(small_config):
+    model = build_model(small_config("model.fusion=shared", "model.inter_depth=0"))
     assert list(model.encoder) == ["shared"] and list(model.decoder) == ["shared"]
     assert set(model.mask_token) == {"aerial", "s2", "s1_asc", "s1_des"}
 
 
-def test_user_regrouping_from_yaml():
-    cfg = small_cfg("data.modalities.s2.group=s1")  # S2 joins S1 in one fusion group
+def test_user_regrouping_from_yaml(small_config, make_batch):
+    cfg = small_config("data.modalities.s2.group=s1")  # S2 joins S1 in one fusion group
     model = build_model(cfg)
     assert list(model.encoder) == ["aerial", "s1"]
     out = model(make_batch(cfg), generator=torch.Generator().manual_seed(0))
     assert out.masks["s1"].shape == (2, 144 + 36 + 36)
 
 
-def test_every_parameter_gets_a_gradient():
-    cfg = small_cfg()
+def test_every_parameter_gets_a_gradient(small_config, make_batch):
+    cfg = small_config()
     model = build_model(cfg)
     model(make_batch(cfg), generator=torch.Generator().manual_seed(0)).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
 
 
-def test_fixed_generator_gives_the_same_loss_and_masks():
-    cfg = small_cfg()
+def test_fixed_generator_gives_the_same_loss_and_masks(small_config, make_batch):
+    cfg = small_config()
     model = build_model(cfg)
     batch = make_batch(cfg)
     a = model(batch, generator=torch.Generator().manual_seed(7))
@@ -87,8 +79,8 @@ def test_fixed_generator_gives_the_same_loss_and_masks():
     assert any(not torch.equal(a.masks[k], c.masks[k]) for k in a.masks)
 
 
-def test_invalid_pixels_never_reach_the_loss():
-    cfg = small_cfg()
+def test_invalid_pixels_never_reach_the_loss(small_config, make_batch):
+    cfg = small_config()
     torch.manual_seed(0)
     model = build_model(cfg)
     batch = make_batch(cfg)
@@ -118,18 +110,18 @@ def test_invalid_pixels_never_reach_the_loss():
     assert torch.isfinite(clean.loss) and not torch.equal(clean.loss, out.loss)
 
 
-def test_dates_different_from_num_dates():
-    cfg = small_cfg()
+def test_dates_different_from_num_dates(small_config, make_batch):
+    cfg = small_config()
     model = build_model(cfg)
     batch = make_batch(cfg, dates={"s2": 5, "s1_asc": 7, "s1_des": 1})
     out = model(batch, generator=torch.Generator().manual_seed(0))
     assert out.masks["s2"].shape == (2, 5 * 9) and out.masks["s1"].shape == (2, (7 + 1) * 9)
     assert out.reconstructions["s2"].shape == (2, 5, 10, 6, 6)
-    assert model.encode(batch)["s1_des"].shape == (2, 9, 192)
+    assert model.encode(batch)["s1_des"].shape == (2, 9, 32)
 
 
-def test_resize_to_image_size():
-    cfg = small_cfg()
+def test_resize_to_image_size(small_config, make_batch):
+    cfg = small_config()
     model = build_model(cfg)
     batch = make_batch(cfg)
     batch["aerial"] = batch["aerial"][..., :30, :30]  # loader crop smaller than image_size
@@ -137,8 +129,8 @@ def test_resize_to_image_size():
     assert out.targets["aerial"].shape == (2, 1, 4, 60, 60)
 
 
-def test_short_run_on_a_fixed_batch_lowers_the_loss():
-    cfg = small_cfg()
+def test_short_run_on_a_fixed_batch_lowers_the_loss(small_config, make_batch):
+    cfg = small_config("model.size=tiny")  # memorizing noise in 24 steps needs tiny's capacity
     torch.manual_seed(0)
     model = build_model(cfg)
     batch = make_batch(cfg)
@@ -156,8 +148,8 @@ def test_short_run_on_a_fixed_batch_lowers_the_loss():
 
 
 @pytest.mark.parametrize("dataset", ["pastis_hd", "flair_hub", "flair2", "s2_naip"])
-def test_every_dataset_preset(dataset):
-    cfg = config.from_dict({"data": {"dataset": dataset}})
+def test_every_dataset_preset(dataset, make_batch):
+    cfg = config.from_dict({"data": {"dataset": dataset}}, ["model.size=debug", "model.inter_depth=1"])
     model = build_model(cfg)
     batch = make_batch(cfg, batch=1)
     with torch.no_grad():
@@ -170,10 +162,10 @@ def test_every_dataset_preset(dataset):
     assert all(out.reconstructions[m].shape == batch[m].shape for m in cfg.derived.modalities)
 
 
-def test_output_is_also_a_mapping_with_lazy_images():
+def test_output_is_also_a_mapping_with_lazy_images(small_config, make_batch):
     from types import SimpleNamespace
 
-    cfg = small_cfg()
+    cfg = small_config()
     out = build_model(cfg)(make_batch(cfg), generator=torch.Generator().manual_seed(0))
     ns = SimpleNamespace(**out)  # how a training loop may unpack it
     assert ns.loss is out.loss and out["masks"] is out.masks
@@ -184,8 +176,8 @@ def test_output_is_also_a_mapping_with_lazy_images():
         out["geometry"]
 
 
-def test_bf16_weights_and_inputs():
-    cfg = small_cfg()
+def test_bf16_weights_and_inputs(small_config, make_batch):
+    cfg = small_config()
     model = build_model(cfg).to(torch.bfloat16)
     batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in make_batch(cfg).items()}
     out = model(batch, generator=torch.Generator().manual_seed(0))
@@ -194,8 +186,8 @@ def test_bf16_weights_and_inputs():
     assert model.encode(batch)["aerial"].dtype == torch.bfloat16
 
 
-def test_modalities_with_one_embedding_name_share_the_layers():
-    cfg = small_cfg("data.modalities.s1_asc.embed=s1", "data.modalities.s1_des.embed=s1")
+def test_modalities_with_one_embedding_name_share_the_layers(small_config, make_batch):
+    cfg = small_config("data.modalities.s1_asc.embed=s1", "data.modalities.s1_des.embed=s1")
     model = build_model(cfg)
     assert list(model.patch_embed) == list(model.embed_to_rec) == ["aerial", "s2", "s1"]
     assert set(model.mask_token) == {"aerial", "s2", "s1_asc", "s1_des"}  # mask tokens stay per modality
@@ -204,7 +196,95 @@ def test_modalities_with_one_embedding_name_share_the_layers():
     assert model.patch_embed["s1"].patchify_bands[0].conv.weight.grad is not None
 
 
-def test_flash_attention_on_cpu_is_a_clear_error():
-    cfg = small_cfg("model.attention=flash")
+def test_flash_attention_on_cpu_is_a_clear_error(small_config, make_batch):
+    cfg = small_config("model.attention=flash")
     with pytest.raises(ConfigError, match="model.attention"):
         build_model(cfg).encode(make_batch(cfg))
+
+
+def _pad_dates(sample: dict, m: str, t: int) -> dict:
+    """`sample` (a batch of one) with modality m's series padded at its end to t dates, as the padded
+    collate does: zero values and dates, `valid` False, `MOD_ndates` the real count."""
+    out = dict(sample)
+    n = sample[m].shape[1]
+    out[m] = torch.cat([sample[m], sample[m].new_zeros(1, t - n, *sample[m].shape[2:])], 1)
+    out[f"{m}_dates"] = torch.cat([sample[f"{m}_dates"], sample[f"{m}_dates"].new_zeros(1, t - n, 3)], 1)
+    valid = torch.ones(1, t, *sample[m].shape[-2:], dtype=torch.bool)
+    valid[:, n:] = False
+    out[f"{m}_valid"], out[f"{m}_ndates"] = valid, torch.tensor([n])
+    return out
+
+
+def test_padding_never_reaches_attention_or_the_loss(small_config, make_batch):
+    """A sample padded from 3 to 5 S2 dates inside a batch gives exactly what it gets alone."""
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    alone = make_batch(cfg, batch=1, seed=0, dates={"s2": 3})
+    other = make_batch(cfg, batch=1, seed=1, dates={"s2": 5})
+    other["s2_valid"], other["s2_ndates"] = torch.ones(1, 5, 6, 6, dtype=torch.bool), torch.tensor([5])
+    padded = _pad_dates(alone, "s2", 5)
+    both = {k: torch.cat([padded[k], other[k]]) for k in padded}
+    g, n = 1, cfg.derived.modalities["s2"].tokens_per_date
+    with torch.no_grad():
+        enc_alone, enc_other, enc = model.encode(alone), model.encode(other), model.encode(both)
+        out_alone = model(alone, generator=torch.Generator().manual_seed(0))
+        out_other = model(other, generator=torch.Generator().manual_seed(1))
+        mask = {}
+        for key, m in out_alone.masks.items():  # the alone mask at the real positions, padding hidden
+            if key == "s2":
+                m = torch.cat([m.view(1, g, 3, n), torch.ones(1, g, 2, n, dtype=torch.bool)], 2).flatten(1)
+            mask[key] = torch.cat([m, out_other.masks[key]])
+        out = model(both, mask=mask)
+        out_one = model(padded, mask={k: v[:1] for k, v in mask.items()})
+    for m in cfg.derived.modalities:
+        if m == "s2":
+            real = enc["s2"][0].view(g, 5, n, -1)
+            torch.testing.assert_close(
+                real[:, :3].reshape(1, -1, real.shape[-1]), enc_alone["s2"], atol=1e-6, rtol=0
+            )
+            assert not real[:, 3:].any()  # padding dates' tokens are zeros
+        else:
+            torch.testing.assert_close(enc[m][:1], enc_alone[m], atol=1e-6, rtol=0)
+        torch.testing.assert_close(enc[m][1:], enc_other[m], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out_one.loss, out_alone.loss, atol=1e-6, rtol=1e-6)
+    for m, v in out_alone.loss_per_modality.items():
+        torch.testing.assert_close(out_one.loss_per_modality[m], v, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        out.reconstructions["s2"][:1, :3], out_alone.reconstructions["s2"], atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        out.reconstructions["s2"][1:], out_other.reconstructions["s2"], atol=1e-6, rtol=0
+    )
+    assert not out.reconstructions["s2"][0, 3:].any() and not out.valid["s2"][0, 3:].any()
+    assert all(torch.equal(out.masks[k], mask[k]) for k in mask)
+    # Random draws leave padding hidden and mask each sample at its own ratio.
+    drawn = model(both, generator=torch.Generator().manual_seed(2)).masks["s2"]
+    assert drawn[0].view(g, 5, n)[:, 3:].all()
+    assert (~drawn).sum(1).tolist() == [3 * n - round(0.75 * 3 * n), 5 * n - round(0.75 * 5 * n)]
+
+
+def test_padded_date_counts_are_checked(small_config, make_batch):
+    cfg = small_config()
+    batch = make_batch(cfg)
+    batch["s2_ndates"] = torch.tensor([16, 17])
+    with pytest.raises(ValueError, match="s2_ndates"):
+        build_model(cfg).encode(batch)
+
+
+def test_bf16_model_with_a_resized_modality_runs_forward_and_backward(make_batch):
+    """The demo config's aerial is resized in the model; a bf16 model takes float32 inputs (the
+    trainer no longer casts them) and casts the encoder's input itself."""
+    cfg = config.load("configs/demo.yaml", ["model.size=debug", "model.inter_depth=1"])
+    model = build_model(cfg).to(torch.bfloat16)
+    batch = make_batch(cfg)
+    batch["aerial"] = torch.rand(2, 1, 4, 90, 90, generator=torch.Generator().manual_seed(0))
+    for inputs in (batch, {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}):
+        out = model(inputs, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        assert (
+            out.targets["aerial"].shape == (2, 1, 4, 60, 60) and out.targets["aerial"].dtype == torch.float32
+        )
+        assert torch.isfinite(out.loss)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)

@@ -1,12 +1,24 @@
-"""Attention backends agree with each other, on padded batches and on packed variable-length rows."""
+"""Attention backends agree with each other, on padded batches and on packed variable-length rows;
+the flash backend is detected by the function it calls."""
 
 from __future__ import annotations
+
+import sys
+import types
 
 import pytest
 import torch
 
 from maestro.errors import ConfigError
-from maestro.model.attention import Packing, attention, check_backend
+from maestro.model import attention as attention_module
+from maestro.model.attention import (
+    Packing,
+    attention,
+    check_backend,
+    flash_varlen,
+    sdpa_backends,
+    sdpa_kernel,
+)
 
 CPU_BACKENDS = ["sdpa", "math"]
 
@@ -54,23 +66,43 @@ def test_packed_equal_lengths_take_the_padded_path():
     )
 
 
-def test_flash_needs_cuda_and_half_precision():
-    with pytest.raises(ConfigError, match="model.attention"):
-        check_backend("flash", torch.device("cpu"), torch.float32)
+def test_flash_needs_cuda_and_half_precision(monkeypatch):
     with pytest.raises(ConfigError, match="one of"):
-        check_backend("xformers", torch.device("cpu"), torch.float32)
+        check_backend("xformers")
+    fake = types.ModuleType("flash_attn")
+    fake.flash_attn_varlen_func = lambda *args: pytest.fail("flash must not run on the CPU")
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    check_backend("flash")  # installed: the build-time check passes
+    q, k, v = rows(8)
+    with pytest.raises(ConfigError, match="CUDA with fp16 or bf16"):
+        attention(q, k, v, Packing.dense(2, 4, q.device), "flash")
+
+
+def test_an_empty_flash_attn_namespace_is_not_flash_attn(monkeypatch, small_config):
+    """flash-attn-4 installs `flash_attn` as an empty namespace: importable, without the function."""
+    from maestro.model import build_model
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert flash_varlen() is None
+    with pytest.raises(ConfigError, match="flash_attn_varlen_func"):
+        build_model(small_config("model.attention=flash"))
+
+
+def test_forced_sdpa_kernels():
+    assert {"flash", "cudnn", "efficient", "math"} <= set(sdpa_backends())
+    q, k, v = rows(4 * 7)
+    want = attention(q, k, v, Packing.dense(4, 7, q.device), "math")
+    with sdpa_kernel("math"):
+        torch.testing.assert_close(attention(q, k, v, Packing.dense(4, 7, q.device), "sdpa"), want)
+    with pytest.raises(ValueError, match="one of"), sdpa_kernel("xformers"):
+        pass
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("lengths", [[16] * 4, [5, 1, 33, 17]])
 def test_cuda_backends_agree(lengths):
-    backends = ["sdpa", "math"]
-    try:
-        check_backend("flash", torch.device("cuda"), torch.bfloat16)
-        backends.append("flash")
-    except ConfigError:  # flash-attn not installed on this machine: the other two still agree
-        pass
+    backends = ["sdpa", "math"] + (["flash"] if flash_varlen() else [])  # flash where installed
     q, k, v = rows(sum(lengths), device="cuda", dtype=torch.bfloat16, dim=64)
     packing = Packing.from_lengths(torch.tensor(lengths, device="cuda"))
     want = per_sequence(q.float().cpu(), k.float().cpu(), v.float().cpu(), lengths)
@@ -81,25 +113,44 @@ def test_cuda_backends_agree(lengths):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_model_backends_agree_on_cuda_in_bf16():
-    from test_model_batches import make_batch
-
-    from maestro import config
+def test_model_backends_agree_on_cuda_in_bf16(small_config, make_batch):
     from maestro.model import build_model
 
-    overrides = ["data.modalities.aerial.image_size=60"]
-    batch = {k: v.cuda() for k, v in make_batch(config.from_dict({}, overrides)).items()}
-    backends = ["sdpa", "math"]
-    try:
-        check_backend("flash", torch.device("cuda"), torch.bfloat16)
-        backends.append("flash")
-    except ConfigError:
-        pass
+    batch = {k: v.cuda() for k, v in make_batch(small_config()).items()}
+    backends = ["sdpa", "math"] + (["flash"] if flash_varlen() else [])
     losses = []
     for b in backends:
         torch.manual_seed(0)
-        model = build_model(config.from_dict({}, [*overrides, f"model.attention={b}"])).cuda()
+        model = build_model(small_config(f"model.attention={b}")).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             losses.append(model(batch, generator=torch.Generator("cuda").manual_seed(0)).loss.float())
     for b, loss in zip(backends, losses):
         torch.testing.assert_close(loss, losses[0], atol=2e-2, rtol=2e-2, msg=b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(attention_module.varlen_attn is None, reason="needs torch.nn.attention.varlen")
+def test_sdpa_on_packed_rows_runs_torch_varlen_and_matches_math_with_gradients(monkeypatch):
+    lengths = [5, 1, 33, 17, 64]
+    packing = Packing.from_lengths(torch.tensor(lengths, device="cuda"))
+    assert packing.uniform is None
+    calls = []
+    varlen = attention_module.varlen_attn
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return varlen(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "varlen_attn", counted)
+    results = {}
+    for backend in ("sdpa", "math"):
+        q, k, v = (
+            t.requires_grad_() for t in rows(sum(lengths), device="cuda", dtype=torch.bfloat16, dim=64)
+        )
+        out = attention(q, k, v, packing, backend)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)).sum().backward()
+        results[backend] = [out.float(), q.grad.float(), k.grad.float(), v.grad.float()]
+    assert len(calls) == 1  # sdpa took the variable-length kernel, math the padded reference
+    for got, want in zip(results["sdpa"], results["math"]):
+        torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)

@@ -58,8 +58,19 @@ def test_flops_by_hand_for_one_modality():
 
 
 def test_flops_grow_with_the_mask_ratio_only_in_the_encoder():
-    lo = flops_per_sample(config.from_dict({}, ["mask.ratio=0.5"]))
-    hi = flops_per_sample(config.from_dict({}, ["mask.ratio=0.75"]))
-    assert lo["encoder"] > hi["encoder"] and lo["decoder"] > hi["decoder"]  # enc_to_dec sees fewer rows
-    shared = flops_per_sample(config.from_dict({}, ["model.fusion=shared", "model.inter_depth=0"]))
+    def at(ratio: float, *overrides: str) -> dict[str, float]:
+        return flops_per_sample(config.from_dict({}, [f"mask.ratio={ratio}", *overrides]))
+
+    # debug: E = E_d, no enc_to_dec projection, so the decoder (all tokens) does not see the ratio.
+    lo, hi = (
+        at(0.5, "model.size=debug", "model.inter_depth=1"),
+        at(0.75, "model.size=debug", "model.inter_depth=1"),
+    )
+    assert lo["encoder"] > hi["encoder"] and lo["decoder"] == hi["decoder"]
+    # tiny: E != E_d; the decoder changes by exactly the enc_to_dec rows, 2·Δvisible·E·E_d.
+    lo, hi = at(0.5), at(0.75)
+    visible = {r: info.tokens(config.from_dict({}, [f"mask.ratio={r}"]))["visible"] for r in (0.5, 0.75)}
+    assert lo["encoder"] > hi["encoder"]
+    assert lo["decoder"] - hi["decoder"] == 2.0 * (visible[0.5] - visible[0.75]) * 192 * 512
+    shared = at(0.75, "model.fusion=shared", "model.inter_depth=0")
     assert shared["encoder"] < hi["encoder"]  # per-image sequences: shorter attention

@@ -4,13 +4,10 @@ from a generator; given masks with unequal visible counts go through packed atte
 from __future__ import annotations
 
 import torch
-from test_model_batches import make_batch
 
-from maestro import config
 from maestro.model import build_model
-from maestro.model.masking import Structure, exact_mask, propose, select_visible
-
-SMALL = ["data.modalities.aerial.image_size=60"]
+from maestro.model.attention import Packing
+from maestro.model.masking import Structure, exact_mask, masked_count, propose, select_packed
 
 
 def test_exact_count_and_structure_first():
@@ -42,38 +39,50 @@ def test_structural_proposal_units():
     assert ((bands.all(-1)) | (~bands.any(-1))).all()
 
 
-def test_model_masks_follow_ratio_and_structure():
-    cfg = config.from_dict({}, [*SMALL, "mask.modality=0.5", "mask.locations=null", "mask.dates=null"])
+def test_model_masks_follow_ratio_and_structure(small_config):
+    cfg = small_config("mask.modality=0.5", "mask.locations=null", "mask.dates=null")
     model = build_model(cfg)
-    shapes = {"aerial": (1, 1, 9), "s2": (1, 16, 9), "s1_asc": (1, 4, 9), "s1_des": (1, 4, 9)}
-    masks, visible = model.masking.draw(shapes, 64, torch.Generator().manual_seed(0), "cpu")
-    assert visible == {"aerial": 9 - 7, "s2": 144 - 108, "s1": 72 - 54}
+    lay = model.layout({"aerial": [1] * 64, "s2": [16] * 64, "s1_asc": [4] * 64, "s1_des": [4] * 64}, "cpu")
+    flat, visible = model.masking.draw(lay, torch.Generator().manual_seed(0), "cpu")
+    masks = {k: v.view(64, -1) for k, v in flat.items()}
+    expected = {"aerial": 9 - 7, "s2": 144 - 108, "s1": 72 - 54}
+    assert {k: v.uniform for k, v in visible.items()} == expected
     for key, m in masks.items():
-        assert ((~m).sum(1) == visible[key]).all()
+        assert ((~m).sum(1) == expected[key]).all()
     # k = 54 of 72 in s1: a whole proposed modality (36 tokens) is always fully masked.
     s1 = masks["s1"]
     assert (s1[:, :36].all(1) | s1[:, 36:].all(1)).float().mean() > 0.5
 
 
-def test_masks_are_reproducible_and_drawn_on_the_generator_device():
-    model = build_model(config.from_dict({}, SMALL))
-    shapes = {"aerial": (1, 1, 9), "s2": (1, 16, 9), "s1_asc": (1, 4, 9), "s1_des": (1, 4, 9)}
-    a, _ = model.masking.draw(shapes, 8, torch.Generator().manual_seed(5), "cpu")
-    b, _ = model.masking.draw(shapes, 8, torch.Generator().manual_seed(5), "cpu")
-    c, _ = model.masking.draw(shapes, 8, torch.Generator().manual_seed(6), "cpu")
+def test_masks_are_reproducible_and_drawn_on_the_generator_device(small_config):
+    model = build_model(small_config())
+    lay = model.layout({"aerial": [1] * 8, "s2": [16] * 8, "s1_asc": [4] * 8, "s1_des": [4] * 8}, "cpu")
+    a, _ = model.masking.draw(lay, torch.Generator().manual_seed(5), "cpu")
+    b, _ = model.masking.draw(lay, torch.Generator().manual_seed(5), "cpu")
+    c, _ = model.masking.draw(lay, torch.Generator().manual_seed(6), "cpu")
     assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_select_visible_without_and_with_host_sync_agree():
-    mask = exact_mask(5, 12, 8, None, torch.Generator().manual_seed(0), "cpu")
-    fast, packed = select_visible(mask, 4), select_visible(mask, None)
-    assert torch.equal(fast.rows, packed.rows) and torch.equal(fast.source, packed.source)
-    assert packed.packing.uniform == 4 and torch.equal(fast.packing.cu_seqlens, packed.packing.cu_seqlens)
-    assert (fast.source >= 0).sum() == 20 and (fast.source[mask.flatten()] == -1).all()
+def test_select_packed_without_and_with_host_sync_agree():
+    mask = exact_mask(5, 12, 8, None, torch.Generator().manual_seed(0), "cpu").flatten()
+    known = select_packed(mask, Packing.dense(5, 4, "cpu"))  # total known: no host sync
+    found = select_packed(mask, Packing.from_lengths(torch.full((5,), 4)))
+    assert known.packing.total == 20 and found.packing.total is None
+    assert torch.equal(known.rows, found.rows) and torch.equal(known.source, found.source)
+    assert torch.equal(known.rows, torch.nonzero(~mask).squeeze(1))
+    assert (known.source >= 0).sum() == 20 and (known.source[mask] == -1).all()
 
 
-def test_given_masks_with_unequal_counts_equal_separate_samples():
-    cfg = config.from_dict({}, SMALL)
+def test_mask_count_keeps_one_token_and_rounds_as_the_reference():
+    assert masked_count(0.5, 5) == 2  # Python round(2.5) == 2
+    assert masked_count(0.75, 225) == 169
+    assert masked_count(0.95, 9) == 8  # round(8.55) = 9 would hide the whole sequence
+    assert masked_count(0.75, 0) == 0
+    assert masked_count(0.75, 144, 16, 0.5) == round((1 - 0.25 / 4) * 144)
+
+
+def test_given_masks_with_unequal_counts_equal_separate_samples(make_batch, small_config):
+    cfg = small_config()
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     batch = make_batch(cfg, batch=2)
@@ -92,23 +101,23 @@ def test_given_masks_with_unequal_counts_equal_separate_samples():
                 torch.testing.assert_close(both.reconstructions[m][i : i + 1], rec, atol=1e-5, rtol=1e-4)
 
 
-def test_attention_backends_agree_in_the_model():
-    cfg = config.from_dict({}, SMALL)
+def test_attention_backends_agree_in_the_model(make_batch, small_config):
+    cfg = small_config()
     batch = make_batch(cfg)
     losses = []
     for backend in ("sdpa", "math"):
         torch.manual_seed(0)
-        model = build_model(config.from_dict({}, [*SMALL, f"model.attention={backend}"]))
+        model = build_model(small_config(f"model.attention={backend}"))
         losses.append(model(batch, generator=torch.Generator().manual_seed(0)).loss)
     torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
 
 
-def test_triton_kernels_match_the_torch_references_in_the_model():
-    batch = make_batch(config.from_dict({}, SMALL))
+def test_triton_kernels_match_the_torch_references_in_the_model(make_batch, small_config):
+    batch = make_batch(small_config())
     results = []
     for kernels in ("torch", "triton"):  # Triton under the interpreter on CPU (conftest)
         torch.manual_seed(0)
-        model = build_model(config.from_dict({}, [*SMALL, f"model.kernels={kernels}"]))
+        model = build_model(small_config(f"model.kernels={kernels}"))
         out = model(batch, generator=torch.Generator().manual_seed(0))
         out.loss.backward()
         results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))

@@ -6,16 +6,16 @@ import math
 
 import pytest
 import torch
-from test_model_batches import make_batch
+from einops import rearrange
 
 from maestro import config
 from maestro.errors import ConfigError
 from maestro.model import build_model, targets
 from maestro.model.ema import EMA, reference_momentum
 from maestro.model.ops import kernel_ops
+from maestro.model.patch_embed import to_patches
 
 OPS = kernel_ops("torch")
-SMALL = ["data.modalities.aerial.image_size=60"]
 
 
 def toy():
@@ -94,8 +94,8 @@ def test_weighting_drops_modalities_with_nothing_counted():
 
 
 @pytest.mark.parametrize("kind", ["l1", "l2"])
-def test_model_loss_is_the_mean_over_masked_valid_pixels(kind):
-    cfg = config.from_dict({}, [*SMALL, "loss.target_norm=none", f"loss.kind={kind}"])
+def test_model_loss_is_the_mean_over_masked_valid_pixels(kind, make_batch, small_config):
+    cfg = small_config("loss.target_norm=none", f"loss.kind={kind}")
     model = build_model(cfg)
     batch = make_batch(cfg)
     batch["s2_valid"] = torch.rand(2, 16, 6, 6, generator=torch.Generator().manual_seed(0)) > 0.3
@@ -113,8 +113,8 @@ def test_model_loss_is_the_mean_over_masked_valid_pixels(kind):
     torch.testing.assert_close(out.loss, num / den)
 
 
-def test_band_groups_in_the_model():
-    cfg = config.from_dict({}, [*SMALL, "data.modalities.s2.band_groups=[8,2]", "mask.bands=0.5"])
+def test_band_groups_in_the_model(make_batch, small_config):
+    cfg = small_config("data.modalities.s2.band_groups=[8,2]", "mask.bands=0.5")
     model = build_model(cfg)
     assert len(model.patch_embed["s2"].patchify_bands) == 2 and model.mask_token["s2"].shape[1] == 2
     out = model(make_batch(cfg), generator=torch.Generator().manual_seed(0))
@@ -137,3 +137,35 @@ def test_ema():
     torch.testing.assert_close(copy.weight, before + 0.1)
     torch.testing.assert_close(copy.bias, model.bias)
     assert reference_momentum(100) == pytest.approx(0.95) and reference_momentum(10) == pytest.approx(0.5)
+
+
+def test_targets_of_a_bf16_model_keep_float32_values(small_config, make_batch):
+    """A near-flat patch (a DEM-like 100 ± 0.01) has no variance left in bf16 (spacing 0.5 at 100):
+    its normalized target must come from the float32 input, not from the encoder's bf16 copy."""
+    cfg = small_config()
+    torch.manual_seed(0)
+    model = build_model(cfg).to(torch.bfloat16)
+    batch = make_batch(cfg)
+    flat = 100.0 + 0.01 * torch.rand(batch["s1_asc"].shape, generator=torch.Generator().manual_seed(1))
+    batch["s1_asc"] = flat
+    assert flat.bfloat16().float().std() == 0 and flat.std() > 0
+    with torch.no_grad():
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+    assert out.targets["s1_asc"].dtype == torch.float32 and torch.equal(out.targets["s1_asc"], flat)
+    s = cfg.derived.modalities["s1_asc"]
+    valid = to_patches(out.valid["s1_asc"][:, :, None], s.patch_size)[..., 0]
+    tm = rearrange(out.token_masks["s1_asc"], "b (g t l) -> g (b t l)", g=1, t=s.num_dates)
+    plan = targets.norm_plan("s1_asc", s, "patch_group")
+
+    def loss(target):
+        total, count = targets.modality_loss(
+            OPS, out.patches["s1_asc"], target, valid, tm, s.groups, plan, "l1"
+        )
+        return total / count
+
+    exact, rounded = (
+        loss(to_patches(flat, s.patch_size)),
+        loss(to_patches(flat.bfloat16().float(), s.patch_size)),
+    )
+    torch.testing.assert_close(out.loss_per_modality["s1_asc"], exact)
+    assert (exact - rounded).abs() > 0.1  # the two differ: the check above can tell them apart

@@ -12,26 +12,29 @@ multiplications at 2 FLOPs per multiply-add:
 - decoder = `enc_to_dec` `2·n_vis·E·E_d` (absent when E = E_d) + the decoder blocks over *all*
   tokens of each sequence + the 1×1 pixel projection `2·L·E_d·(c_g·p²)`.
 
-Sequence lengths use each modality's configured `num_dates` and the configured mask ratio
-(`maestro.info.tokens`): one sequence per key for `group`/`mod`, one per image for
+Sequence lengths use each modality's configured `num_dates` and the model's own mask count
+(`maestro.model.fusion.sequence_tokens`): one sequence per key for `group`/`mod`, one per image for
 `shared`/`monotemp`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from maestro.config import Config
-from maestro.info import masked_count, sequences, tokens
+from maestro.model.fusion import PER_IMAGE, sequence_tokens
+from maestro.model.mae import build_model, mask_rule, sequence_members
 from maestro.sizes import SIZES
+
+if TYPE_CHECKING:
+    from maestro.config import Config
 
 PARTS = ("patch_embed", "embed_to_rec", "encoder", "encoder_inter", "enc_to_dec", "decoder", "mask_token")
 
 
 def parameter_counts(cfg: Config) -> dict[str, int]:
     """{"total": n, part: n} for the parts of the reference (heads excluded: not built here)."""
-    from maestro.model.mae import build_model
-
     with torch.device("meta"):
         model = build_model(cfg)
     counts = dict.fromkeys(PARTS, 0)
@@ -50,19 +53,14 @@ def flops_per_sample(cfg: Config) -> dict[str, float]:
     """{"encoder", "decoder", "total"} forward FLOPs per sample (formula in the module docstring)."""
     size = SIZES[cfg.model.size]
     mods = cfg.derived.modalities
-    per_image = cfg.model.fusion in ("shared", "monotemp")
     enc_depth = size.depth - cfg.model.inter_depth
-    visible = tokens(cfg)["groups"]
+    members = sequence_members(cfg)
+    per_key = sequence_tokens(mods, members, cfg.model.fusion in PER_IMAGE, mask_rule(cfg))
     encoder = sum(2.0 * s.tokens * (s.channels * s.patch_size**2) * size.dim for s in mods.values())
     decoder = sum(2.0 * s.tokens * size.decoder_dim * (s.channels * s.patch_size**2) for s in mods.values())
     joint = 0
-    for key, members in sequences(cfg).items():
-        if per_image:
-            s = mods[key]
-            n_seq, full = s.num_dates * len(s.groups), s.tokens_per_date
-            vis = full - masked_count(cfg.mask.ratio, full)
-        else:
-            n_seq, full, vis = 1, sum(mods[m].tokens for m in members), visible[key]["visible"]
+    for seq in per_key.values():
+        n_seq, full, vis = seq.sequences, seq.length, seq.visible
         encoder += n_seq * enc_depth * block_flops(vis, size.dim, size.heads, size.dim_head, size.mlp_hidden)
         joint += n_seq * vis
         if size.dim != size.decoder_dim:

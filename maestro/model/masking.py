@@ -1,7 +1,8 @@
 """Token masking: structural proposals, exact-ratio sampling, and the visible-token index lists.
 
 Per sequence key (a fusion group, a modality, or each image in `shared`/`monotemp`), exactly
-`k = round(ratio·L)` tokens are masked in every sequence (maestro_reference.md §2). Structural masks
+`masked_count` tokens are masked in every sequence (maestro_reference.md §2): the one rule that the
+model's draws, `maestro info` and the FLOPs count all use. Structural masks
 (whole modality, band group, date, location) are proposed first; proposed tokens then rank before
 all others, *randomly among themselves* (the reference's argsort tie order is not relied upon), and
 random tokens complete the count. Everything is drawn on the model's device from an explicit
@@ -29,6 +30,25 @@ class Structure:
     bands: float | None = None
     dates: float | None = None
     locations: float | None = None
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """The masking of a model (`mask.*`): the ratio, its scaling with the images of a sequence,
+    and the structural probabilities (applied where a sequence has the structure)."""
+
+    ratio: float = 0.75
+    scale: float = 0.0
+    structure: Structure = Structure()
+
+
+def masked_count(ratio: float, length: int, images: int = 1, scale: float = 0.0) -> int:
+    """Tokens masked in a sequence of `length` tokens made of `images` images (dates × band groups):
+    `round(r·L)` (Python's banker's rounding, as the reference) at the sequence's ratio
+    `r = 1 − (1 − ratio) / images^scale` (the plain ratio when `scale` is 0), keeping at least one
+    token visible; 0 for an empty sequence."""
+    r = ratio if scale == 0 else 1.0 - (1.0 - ratio) / images**scale
+    return max(0, min(round(r * length), length - 1))
 
 
 def _propose_one(
@@ -113,8 +133,7 @@ def exact_mask(
 
 @dataclass(frozen=True)
 class Selection:
-    """Visible tokens of one sequence key: `rows` (K,) into the flat (S·L) tokens, ascending within
-    each sequence; `packing` of those K rows per sequence; `source` (S·L,) the row of `rows` holding
+    """Visible tokens of one sequence key: `rows` (K,) into its flat tokens, ascending; `packing` of those K rows per sequence; `source` (N,) the row of `rows` holding
     each position, −1 where masked (the un-masking map)."""
 
     rows: Tensor
@@ -122,26 +141,14 @@ class Selection:
     source: Tensor
 
 
-def select_visible(mask: Tensor, visible_per_seq: int | None) -> Selection:
-    """mask (S, L) bool, True = masked. With `visible_per_seq` known (random draws) no host sync
-    happens; otherwise (a given mask) the sequences may differ in length and are packed."""
-    s, length = mask.shape
-    device = mask.device
-    if visible_per_seq is not None:
-        # A stable sort puts visible positions (0) first, in ascending order.
-        pos = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :visible_per_seq]
-        rows = (pos + torch.arange(s, device=device)[:, None] * length).flatten()
-        packing = Packing.dense(s, visible_per_seq, device)
-    else:
-        rows = torch.nonzero(~mask.flatten()).squeeze(1)
-        packing = Packing.from_lengths((~mask).sum(1))
-    return Selection(rows, packing, _source(rows, s * length))
-
-
 def select_packed(mask: Tensor, visible: Packing) -> Selection:
     """Visible tokens of packed sequences: mask (N,) bool, True = masked; `visible` the packing of
-    the visible tokens (its lengths per sequence, known beforehand)."""
-    rows = torch.nonzero(~mask).squeeze(1)
+    the visible tokens (its lengths per sequence, known beforehand). With their total known on the
+    host (random draws) no host sync happens."""
+    if visible.total is None:
+        rows = torch.nonzero(~mask).squeeze(1)
+    else:
+        rows = torch.nonzero_static(~mask, size=visible.total).squeeze(1)
     return Selection(rows, visible, _source(rows, mask.numel()))
 
 

@@ -45,8 +45,9 @@ class LazyImages(Mapping[str, Tensor]):
 
 @dataclass
 class ModelOutput:
-    """`loss` (scalar) and `loss_per_modality`; `targets` {MOD: (B, T, C, H, W)} the resized inputs
-    (invalid pixels zeroed); `masks` {key: (B, L_key)} True = masked; `valid` {MOD: (B, T, H, W)}
+    """`loss` (scalar) and `loss_per_modality`; `targets` {MOD: (B, T, C, H, W)} the resized float32
+    inputs (invalid pixels zeroed); `masks` {key: (B, L_key)} True = masked (padding dates' tokens
+    included: they are never visible; their targets, reconstructions and validity are zero); `valid` {MOD: (B, T, H, W)}
     the pixels that count in the loss; `token_masks` {MOD: (B, G·T·L)}; `patches` {MOD: (B·T·L, P, C)}
     the predicted patches, in the target space of `loss.target_norm`. `reconstructions` and
     `pixel_masks` {MOD: (B, T, C, H, W)} are built per modality on first access.

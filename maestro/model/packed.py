@@ -9,7 +9,8 @@ after sample, each sample's tokens as in a padded batch (its key's modalities in
 band group, date, row-major position) — and back. A key's sequences are its samples (`group`,
 `mod`) or each image of them (`monotemp`, `shared`).
 
-The index maps are built on the host from `MOD_cu_dates` (one small device-to-host read per batch).
+The index maps are built on the host from the date counts (for a packed batch `MOD_cu_dates`, one
+small device-to-host read per batch).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from maestro.modalities import ModalitySpec
@@ -79,16 +79,26 @@ def _native_positions(groups: int, tokens_per_date: int, dates: list[int]) -> li
     ]
 
 
-def build_layout(
-    batch: dict, specs: dict[str, ModalitySpec], members: dict[str, list[str]], per_image: bool
-) -> PackedLayout:
-    """The layout of a packed batch for sequence keys `members` (key -> modalities)."""
+def packed_dates(batch: dict, specs: dict[str, ModalitySpec]) -> dict[str, list[int]]:
+    """The dates per sample of each modality of a packed batch (one small device-to-host read)."""
     dates = {m: batch[f"{m}_cu_dates"].diff().tolist() for m in specs}
     n = len(batch["ref_date"])
     for m, d in dates.items():
         if len(d) != n:
             raise ValueError(f"{m}_cu_dates describes {len(d)} samples but ref_date has {n}")
-    device = batch["ref_date"].device
+    return dates
+
+
+def build_layout(
+    dates: dict[str, list[int]],
+    specs: dict[str, ModalitySpec],
+    members: dict[str, list[str]],
+    per_image: bool,
+    device: torch.device,
+) -> PackedLayout:
+    """The layout of a packed batch whose samples hold `dates` (per modality, per sample) for
+    sequence keys `members` (key -> modalities)."""
+    n = len(next(iter(dates.values())))
 
     def dev(a: np.ndarray) -> Tensor:
         return torch.from_numpy(a).to(device)
@@ -119,24 +129,3 @@ def build_layout(
         else:
             packing[key] = Packing.from_list(lengths[key], device)
     return PackedLayout(dates, inverse, rows, order, group_ids, lengths, images, packing)
-
-
-def check_masks(mask: dict[str, Tensor], lay: PackedLayout) -> tuple[dict[str, Tensor], dict[str, Packing]]:
-    """A given mask of a packed batch {key: (ΣL_key,)} checked (keys, shapes, no fully masked
-    sequence), and the packing of its visible tokens (one host sync)."""
-    if set(mask) != set(lay.lengths):
-        raise ValueError(f"mask keys {sorted(mask)} must be the sequence keys {sorted(lay.lengths)}")
-    masks, visible = {}, {}
-    for key, mk in mask.items():
-        total, cu = sum(lay.lengths[key]), lay.packing[key].cu_seqlens.long()
-        if tuple(mk.shape) != (total,):
-            raise ValueError(
-                f"mask['{key}'] has shape {tuple(mk.shape)}; a packed batch takes ({total},) "
-                f"(its sequences concatenated)"
-            )
-        masks[key] = mk.bool()
-        counts = F.pad((~masks[key]).cumsum(0), (1, 0)).index_select(0, cu).diff()
-        if bool(((counts == 0) & (cu.diff() > 0)).any()):
-            raise ValueError(f"mask['{key}'] masks a whole sequence; keep at least one token visible")
-        visible[key] = Packing.from_lengths(counts)
-    return masks, visible
