@@ -188,7 +188,9 @@ def test_board_event_files_read_back(tmp_path):
     board = metrics.Board(tmp_path / "tb")
     board.scalars(3, {"train/loss": 0.5, "perf/mfu": 0.1})
     panel = metrics.reconstruction_panel(torch.rand(4, 8, 8), torch.rand(4, 8, 8), torch.rand(4, 8, 8) > 0.5)
-    assert panel.shape == (3, 8, 28) and panel.min() >= 0 and panel.max() <= 1
+    # 8-px rasters upscaled ×12 to MIN_SIDE: input, masked input, reconstruction side by side
+    assert metrics.MIN_SIDE == 96 and panel.shape == (3, 96, 3 * 96 + 2 * 2)
+    assert panel.min() >= 0 and panel.max() <= 1
     board.image(3, "images/aerial", panel)
     board.close()
     acc = EventAccumulator(str(tmp_path / "tb")).Reload()
