@@ -20,6 +20,37 @@ from shards.index import ShardIndex, load_index
 from shards.schema import Sample, decode
 from shards.tar import BACKOFF_S, RETRIES, Cursor, parse_sample
 
+_CHUNK = 1 << 20
+
+
+class HashingCursor(Cursor):
+    """A cursor whose reads, taken in file order, hash and count every byte of the file."""
+
+    def __init__(self, url: str):
+        super().__init__(url, storage.open_file)
+        self.hashed, self.sha = 0, hashlib.sha256()
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        while self.hashed < offset:  # a gap between samples (e.g. a directory member)
+            if not self._hash(self.hashed, min(_CHUNK, offset - self.hashed)):
+                break
+        data = super().read_at(offset, n)
+        if offset == self.hashed:
+            self.sha.update(data)
+            self.hashed += len(data)
+        return data
+
+    def _hash(self, offset: int, n: int) -> int:
+        data = super().read_at(offset, n)
+        self.sha.update(data)
+        self.hashed += len(data)
+        return len(data)
+
+    def finish(self) -> None:
+        """Hash the rest of the file (the end-of-archive blocks, or anything after them)."""
+        while self._hash(self.hashed, _CHUNK):
+            pass
+
 
 def _everything(key: str) -> bool:
     return True

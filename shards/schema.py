@@ -7,7 +7,9 @@ One sample is a group of tar members sharing a key (DESIGN.md "Shard format, ver
 - `KEY.MOD.valid.npy`  optional `(T, H, W)` uint8, 0 where cloud or nodata
 - `KEY.TARGET.npy`     labels (class-id raster or multi-label vector)
 - `KEY.meta.json`      sample id, split, reference date, CRS and bounds, source and licence, and the
-                       lists of modality and target names present
+                       lists of modality and target names present (without the lists, as other
+                       tools write it, a modality is a `MOD.npy` with `MOD.dates.npy`, a target
+                       any other `NAME.npy`)
 
 Only `.npy` (with `allow_pickle=False`) and `.json` are ever decoded; anything else is an error.
 WebDataset splits a member name at the first dot of its basename, so keys never contain dots.
@@ -154,7 +156,14 @@ def decode(key: str, members: dict[str, bytes], where: str = "") -> Sample:
         meta = json.loads(members["meta.json"])
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{at}: 'meta.json' is not valid JSON ({e})") from e
-    mods, targets = meta.get("modalities", []), meta.get("targets", [])
+    if not isinstance(meta, dict):
+        raise DataError(f"{at}: 'meta.json' is {type(meta).__name__}; expected a JSON object")
+    mods, targets = meta.get("modalities"), meta.get("targets")
+    if mods is None:  # written by another tool (e.g. webdataset's TarWriter): the members say
+        mods = sorted(s[: -len(".dates.npy")] for s in members if s.endswith(".dates.npy"))
+    if targets is None:
+        derived = {f"{m}{end}" for m in mods for end in (".npy", ".dates.npy", ".valid.npy")}
+        targets = sorted(s[: -len(".npy")] for s in members if s.endswith(".npy") and s not in derived)
     arrays, dates, valid, tgts = {}, {}, {}, {}
     for mod in mods:
         for suffix, dest in ((f"{mod}.npy", arrays), (f"{mod}.dates.npy", dates)):

@@ -16,40 +16,9 @@ from maestro import storage
 from maestro.errors import DataError
 from shards import manifest as manifest_io
 from shards.index import ShardIndex, build_index, index_url, read_index
-from shards.reader import sample_bytes
+from shards.reader import HashingCursor, sample_bytes
 from shards.schema import check_values, decode
-from shards.tar import Cursor, parse_sample
-
-_CHUNK = 1 << 20
-
-
-class _HashingCursor(Cursor):
-    """A cursor whose reads, taken in file order, hash and count every byte of the file."""
-
-    def __init__(self, url: str):
-        super().__init__(url, storage.open_file)
-        self.hashed, self.sha = 0, hashlib.sha256()
-
-    def read_at(self, offset: int, n: int) -> bytes:
-        while self.hashed < offset:  # a gap between samples (e.g. a directory member)
-            if not self._hash(self.hashed, min(_CHUNK, offset - self.hashed)):
-                break
-        data = super().read_at(offset, n)
-        if offset == self.hashed:
-            self.sha.update(data)
-            self.hashed += len(data)
-        return data
-
-    def _hash(self, offset: int, n: int) -> int:
-        data = super().read_at(offset, n)
-        self.sha.update(data)
-        self.hashed += len(data)
-        return len(data)
-
-    def finish(self) -> None:
-        """Hash the rest of the file (the end-of-archive blocks, or anything after them)."""
-        while self._hash(self.hashed, _CHUNK):
-            pass
+from shards.tar import parse_sample
 
 
 def _shape_problem(mod: str, x, specs: dict[str, Any], seen: dict[str, tuple]) -> str | None:
@@ -105,7 +74,7 @@ def _check_shard(split_url: str, entry: dict[str, Any], m: dict[str, Any], seen:
     if not storage.exists(url):
         return [f"{where}: missing (listed in the manifest)"]
     problems = []
-    with _HashingCursor(url) as cur:
+    with HashingCursor(url) as cur:
         try:
             index, problems = _index_of(split_url, entry, m["version"])
         except DataError as e:
