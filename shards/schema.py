@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from maestro.errors import DataError
-from shards.tar import KEY_ALPHABET, check_key
+from shards.tar import KEY_ALPHABET
 
 FORMAT = "maestro-shards"
 _KEY_BAD = re.compile(f"[^{KEY_ALPHABET}]")
@@ -52,7 +52,6 @@ class Sample:
     def check(self, where: str = "") -> None:
         """Raise DataError naming the sample and member if any array breaks the schema."""
         at = f"{where}sample '{self.key}'"
-        check_key(self.key, where)
         if not self.arrays:
             raise DataError(f"{at}: no modality arrays")
         for mod, x in self.arrays.items():
@@ -210,12 +209,12 @@ def check_values(sample: Sample, specs: dict[str, dict[str, Any]], where: str = 
             kind = "temporal modality" if spec["num_dates"] > 1 else "modality"
             raise DataError(f"{at}: '{mod}.npy' has 0 dates; a {kind} needs at least one")
         doy = sample.dates[mod][:, 1]
-        bad = np.flatnonzero((doy < 1) | (doy > 366))
-        if len(bad):
-            row = tuple(int(v) for v in sample.dates[mod][bad[0]])
+        if doy.min() < 1 or doy.max() > 366:
+            bad = int(np.flatnonzero((doy < 1) | (doy > 366))[0])
+            row = tuple(int(v) for v in sample.dates[mod][bad])
             unset = " (an unset date)" if row == (0, 0, 0) else ""
             raise DataError(
-                f"{at}: '{mod}.dates.npy' row {int(bad[0])} is {row}{unset}; day of year must be in 1-366"
+                f"{at}: '{mod}.dates.npy' row {bad} is {row}{unset}; day of year must be in 1-366"
             )
         # All-NaN arrays are rare: look at every value only when the first one is NaN.
         if x.dtype.kind == "f" and np.isnan(x.flat[0]) and np.isnan(x).all():
