@@ -13,10 +13,12 @@ import pytest
 import webdataset as wds
 from shard_cases import LONG_KEY, bad_values, refresh, samples, shard_members, to_v1, write
 
+from maestro import config
 from maestro.cli import main
 from maestro.errors import DataError
 from shards import manifest, reader
 from shards.index import build_index, index_url, read_index
+from shards.indexing import index_split
 from shards.inspect import inspect
 from shards.verify import verify
 
@@ -218,3 +220,22 @@ def test_verify_names_each_sample_with_bad_values_and_no_good_one(tmp_path):
     assert len(rep["problems"]) == 4
     for key, words in want.items():
         assert any(key in p and words in p for p in rep["problems"]), (key, rep["problems"])
+
+
+def test_index_of_bare_shards_gives_back_what_the_writer_wrote(tmp_path):
+    url = write(tmp_path, samples(5))
+    wrote = manifest.read(url)
+    indexes = {s["name"]: read_index(f"{url}/{s['name']}") for s in wrote["shards"]}
+    for p in Path(url).glob("*.json"):
+        p.unlink()  # the bare tars, as another tool would leave them
+    cfg = config.from_dict(
+        {"data": {"dataset": "treesatai_ts", "modalities": {"aerial": {"image_size": 30, "patch_size": 10}}}}
+    )
+    got = index_split(url, cfg)
+    assert got["shards"] == wrote["shards"]  # same bytes, digests, and index files byte for byte
+    assert got["statistics"]["modalities"] == wrote["statistics"]["modalities"]
+    for name, index in indexes.items():
+        again = read_index(f"{url}/{name}")
+        assert again.keys == index.keys and again.digests == index.digests
+    with pytest.raises(DataError, match="already has a manifest"):
+        index_split(url, cfg)
