@@ -30,6 +30,7 @@ BLOCK = 512
 RECORD = 20 * BLOCK  # what `tarfile` pads an archive to; readers accept any multiple of BLOCK
 RETRIES = 3
 BACKOFF_S = 0.05  # first wait; multiplied by 4 each retry
+MAX_EXTENSION = 1 << 20  # bytes of a PAX or GNU long-name header's data; real ones hold a few names
 MAX_KEY = 200  # characters; longer keys need PAX headers in every tool and exceed file-name limits
 KEY_ALPHABET = r"A-Za-z0-9_\-"
 KEY_CHARS = re.compile(f"[{KEY_ALPHABET}]+")
@@ -155,8 +156,11 @@ def members(
             yield Damage(bad, offset)
             bad = None
         data = offset + BLOCK
-        size = int(local.get("size", info.size))
         if info.type in _EXTENSIONS:
+            if info.size > MAX_EXTENSION:
+                raise DataError(
+                    f"{where}: extension header at byte {offset} claims {info.size} bytes; the shard is damaged"
+                )
             body = read_at(data, info.size)
             if len(body) < info.size:
                 raise DataError(f"{where}: truncated in the extension header at byte {offset}")
@@ -171,6 +175,10 @@ def members(
             offset = data + -(-info.size // BLOCK) * BLOCK
             continue
         name = local.get("path", glob.get("path", info.name))
+        try:
+            size = int(local.get("size", info.size))
+        except ValueError as e:
+            raise DataError(f"{where}: PAX size {local['size']!r} of member '{name}' is not a number") from e
         m = Member(name, offset if first is None else first, data, size, info.type in _REGULAR, info.isdir())
         first, local = None, {}
         yield m

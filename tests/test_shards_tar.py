@@ -239,3 +239,21 @@ def test_index_of_bare_shards_gives_back_what_the_writer_wrote(tmp_path):
         assert again.keys == index.keys and again.digests == index.digests
     with pytest.raises(DataError, match="already has a manifest"):
         index_split(url, cfg)
+
+
+def test_reader_takes_directories_as_webdataset_does(tmp_path):
+    url = write(tmp_path / "a", samples(3))
+    mine = shard_members(url)
+    path = tmp_path / "d.tar"
+    with tarfile.open(f"{url}/train-000000.tar") as a, tarfile.open(path, "w") as b:
+        folder = tarfile.TarInfo("tiles")
+        folder.type = tarfile.DIRTYPE
+        b.addfile(folder)  # as `tar` writes a folder
+        for info in a.getmembers():
+            body = a.extractfile(info)
+            info.name = f"tiles/{info.name}"
+            b.addfile(info, body)
+    got = dict(reader.read_samples(str(path)))
+    theirs = {s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)}
+    assert set(got) == theirs == {f"tiles/{k}" for k in list(mine)[:3]}
+    assert all(got[f"tiles/{k}"] == mine[k] for k in list(mine)[:3])
