@@ -59,10 +59,12 @@ def _parse(data: bytes, url: str) -> ShardIndex:
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{url}: not valid JSON ({e}); rewrite it with `maestro shards index`") from e
+        raise DataError(
+            f"{url}: not valid JSON ({e}); rebuild it with `maestro shards index SPLIT --config CONFIG --overwrite`"
+        ) from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise DataError(
-            f"{url}: not a {FORMAT} version {VERSION} file; rewrite it with `maestro shards index`"
+            f"{url}: not a {FORMAT} version {VERSION} file; rebuild it with `maestro shards index SPLIT --config CONFIG --overwrite`"
         )
     rows = doc.get("samples")
     ok = isinstance(rows, list) and all(

@@ -55,7 +55,7 @@ def _index_of(split_url: str, entry: dict[str, Any], version: int) -> tuple[Shar
     want = entry["index"]
     if data is None:
         raise DataError(
-            f"shard '{name}': its index '{want['name']}' is missing; rebuild it with `maestro shards index`"
+            f"shard '{name}': its index '{want['name']}' is missing; rebuild it with `maestro shards index SPLIT --config CONFIG --overwrite`"
         )
     if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
         problems.append(f"shard '{name}': index '{want['name']}' differs from the manifest's digest")

@@ -257,3 +257,19 @@ def test_reader_takes_directories_as_webdataset_does(tmp_path):
     theirs = {s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)}
     assert set(got) == theirs == {f"tiles/{k}" for k in list(mine)[:3]}
     assert all(got[f"tiles/{k}"] == mine[k] for k in list(mine)[:3])
+
+
+def test_verify_names_a_missing_or_altered_index(tmp_path):
+    url = write(tmp_path, samples(5))
+    index = Path(index_url(f"{url}/train-000001.tar"))
+    doc = json.loads(index.read_text())
+    doc["samples"][0][3] = "0" * 64
+    index.write_text(json.dumps(doc))
+    problems = verify(url)["problems"]
+    assert any("index 'train-000001.index.json' differs" in p for p in problems)
+    assert any("sha256" in p and doc["samples"][0][0] in p for p in problems)
+    assert all("train-000001" in p for p in problems)
+    index.unlink()
+    assert verify(url)["problems"] == [
+        "shard 'train-000001.tar': its index 'train-000001.index.json' is missing; rebuild it with `maestro shards index SPLIT --config CONFIG --overwrite`"
+    ]
