@@ -115,7 +115,8 @@ class ShardWriter:
         self.shard_bytes, self.shard_samples = shard_bytes, shard_samples
         self.shards: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
-        self.stats = Statistics(modalities)
+        self.statistics = Statistics(modalities)
+        self.stats = self.statistics.seen  # {modality: BandStats}, as Ray conversion parts save them
         self.samples = 0
         self.bytes_written = 0
         self._out: _HashingWriter | None = None
@@ -153,7 +154,7 @@ class ShardWriter:
         self._out.write(data)
         self._seen.add(sample.key)
         self.samples += 1
-        self.stats.add(sample)
+        self.statistics.add(sample)
 
     @property
     def bytes_so_far(self) -> int:
@@ -205,9 +206,9 @@ class ShardWriter:
             dataset=self.dataset,
             split=self.split,
             source=self.source,
-            modalities={m: s for m, s in self.modalities.items() if m in self.stats.seen},
+            modalities={m: s for m, s in self.modalities.items() if m in self.stats},
             targets=self.targets,
-            statistics=self.stats.summary(self.samples),
+            statistics=self.statistics.summary(self.samples),
             shards=[s for s in self.shards if s.get("samples")],
             skipped=self.skipped,
         )
