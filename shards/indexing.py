@@ -40,9 +40,6 @@ def _index_shard(url: str, cfg: Config, stats: Statistics, problems: list[str]) 
             try:
                 sample = decode(key, parse_sample(data, int(scanned.offsets[i]), key, where), f"{where} ")
                 check_values(sample, specs, f"{where} ")
-                missing = sorted(set(specs) - set(sample.arrays))
-                if missing:
-                    raise DataError(f"{where} sample '{key}': lacks the config's modalities {missing}")
             except DataError as e:
                 problems.append(str(e))
                 continue
@@ -84,6 +81,12 @@ def index_split(split_url: str, cfg: Config, overwrite: bool = False, source: st
         raise DataError(
             f"{split_url}: {len(problems)} bad samples, e.g. {'; '.join(problems[:3])}. "
             f"Fix or remove them and index again (no manifest was written)"
+        )
+    unseen = sorted(set(cfg.derived.modalities) - set(stats.seen))
+    if unseen:
+        raise DataError(
+            f"{split_url}: no sample holds {unseen} (members KEY.MOD.npy); the config's modalities are "
+            f"{sorted(cfg.derived.modalities)}: set data.inputs to what the shards hold"
         )
     manifest = manifest_io.build(
         dataset=cfg.data.dataset,

@@ -273,3 +273,21 @@ def test_verify_names_a_missing_or_altered_index(tmp_path):
     assert verify(url)["problems"] == [
         "shard 'train-000001.tar': its index 'train-000001.index.json' is missing; rebuild it with `maestro shards index SPLIT --config CONFIG --overwrite`"
     ]
+
+
+def test_index_refuses_shards_without_the_configs_modality(tmp_path):
+    url = write(tmp_path, samples(2))
+    for p in Path(url).glob("*.json"):
+        p.unlink()
+    cfg = config.from_dict(
+        {
+            "data": {
+                "dataset": "flair_hub",
+                "inputs": ["aerial", "dem"],
+                "modalities": {"aerial": {"image_size": 30, "patch_size": 10}},
+            }
+        }
+    )
+    with pytest.raises(DataError, match=r"no sample holds \['dem'\]"):
+        index_split(url, cfg)
+    assert not (Path(url) / "manifest.json").exists()
