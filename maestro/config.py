@@ -28,7 +28,9 @@ from maestro.sizes import SIZES
 @dataclass
 class DataConfig:
     dataset: str = "treesatai_ts"
-    shards: str = ""  # URL of a shard split: local folder or s3://bucket/prefix
+    shards: str | list[str] = (
+        ""  # URL of a shard split (local folder or s3://bucket/prefix), or a list of them
+    )
     inputs: list[str] | None = None  # modalities fed to the model; None: the preset's
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-modality deltas or new sensors
     batch_size: int = 32  # per worker (micro-batch)
@@ -482,6 +484,13 @@ def resolve(cfg: Config) -> Config:
     _check(t.log_every > 0, "train.log_every", t.log_every, "a positive number of steps")
     _check(t.image_every > 0, "train.image_every", t.image_every, "a positive number of steps")
     _check(0 < t.ema_momentum < 1, "train.ema_momentum", t.ema_momentum, "a momentum in (0, 1)")
+    _check(
+        isinstance(dc.shards, str)
+        or (bool(dc.shards) and all(dc.shards) and len(set(dc.shards)) == len(dc.shards)),
+        "data.shards",
+        dc.shards,
+        "a split URL, or a non-empty list of distinct split URLs (streamed as one split)",
+    )
     _check(dc.batch_size >= 1, "data.batch_size", dc.batch_size, "an integer >= 1")
     _check(dc.workers >= 0, "data.workers", dc.workers, "an integer >= 0")
     _check(dc.shuffle_buffer >= 0, "data.shuffle_buffer", dc.shuffle_buffer, "an integer >= 0")

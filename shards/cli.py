@@ -1,4 +1,4 @@
-"""`maestro shards {synth,convert,inspect,verify,bench}`: build, describe and check shard splits."""
+"""`maestro shards {synth,convert,inspect,verify,index,bench}`: build, describe and check shard splits."""
 
 from __future__ import annotations
 
@@ -125,6 +125,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("url", help="split URL (folder or s3:// prefix holding manifest.json)")
     q.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     q.set_defaults(func=run_verify)
+
+    q = s.add_parser("index", help="write the indexes and manifest of existing WebDataset tar shards")
+    q.add_argument("url", help="split URL (folder or s3:// prefix holding the .tar shards)")
+    q.add_argument("--config", required=True, help="config whose data.modalities the shards hold")
+    q.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing manifest")
+    q.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    q.set_defaults(func=run_index)
 
     q = s.add_parser("bench", help="conversion throughput (samples/s, MB/s) on a synthetic archive")
     q.add_argument("out", help="scratch output root (local or s3://); overwritten")
@@ -258,6 +266,12 @@ def run_verify(args: argparse.Namespace) -> int:
     status = "OK" if rep["ok"] else f"FAILED ({len(rep['problems'])} problems)"
     _report(args, rep, f"{args.url}: {rep['shards']} shards, {rep['samples']} samples: {status}")
     return 0 if rep["ok"] else 1
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from shards.indexing import run
+
+    return run(args)
 
 
 def run_bench(args: argparse.Namespace) -> int:

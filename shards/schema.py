@@ -7,7 +7,9 @@ One sample is a group of tar members sharing a key (DESIGN.md "Shard format, ver
 - `KEY.MOD.valid.npy`  optional `(T, H, W)` uint8, 0 where cloud or nodata
 - `KEY.TARGET.npy`     labels (class-id raster or multi-label vector)
 - `KEY.meta.json`      sample id, split, reference date, CRS and bounds, source and licence, and the
-                       lists of modality and target names present
+                       lists of modality and target names present (without the lists, as other
+                       tools write it, a modality is a `MOD.npy` with `MOD.dates.npy`, a target
+                       any other `NAME.npy`)
 
 Only `.npy` (with `allow_pickle=False`) and `.json` are ever decoded; anything else is an error.
 WebDataset splits a member name at the first dot of its basename, so keys never contain dots.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from maestro.errors import DataError
+from shards.tar import KEY_ALPHABET
 
 FORMAT = "maestro-shards"
-VERSION = 1
-_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
+_KEY_BAD = re.compile(f"[^{KEY_ALPHABET}]")
 
 
 def sample_key(sample_id: str) -> str:
@@ -49,8 +52,6 @@ class Sample:
     def check(self, where: str = "") -> None:
         """Raise DataError naming the sample and member if any array breaks the schema."""
         at = f"{where}sample '{self.key}'"
-        if "." in self.key or not self.key:
-            raise DataError(f"{at}: key must be non-empty and contain no '.'")
         if not self.arrays:
             raise DataError(f"{at}: no modality arrays")
         for mod, x in self.arrays.items():
@@ -118,7 +119,7 @@ def _npy_view(data: bytes) -> np.ndarray | None:
         return None
     dtype = np.dtype(head[1].decode())
     shape = tuple(int(n) for n in head[2].split(b",") if n.strip())
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: a forged header's product must not wrap around
     if dtype.hasobject or len(data) - start < count * dtype.itemsize:
         return None  # np.load below refuses these with its own message
     return np.frombuffer(data, dtype, count, start).reshape(shape)
@@ -154,7 +155,14 @@ def decode(key: str, members: dict[str, bytes], where: str = "") -> Sample:
         meta = json.loads(members["meta.json"])
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{at}: 'meta.json' is not valid JSON ({e})") from e
-    mods, targets = meta.get("modalities", []), meta.get("targets", [])
+    if not isinstance(meta, dict):
+        raise DataError(f"{at}: 'meta.json' is {type(meta).__name__}; expected a JSON object")
+    mods, targets = meta.get("modalities"), meta.get("targets")
+    if mods is None:  # written by another tool (e.g. webdataset's TarWriter): the members say
+        mods = sorted(s[: -len(".dates.npy")] for s in members if s.endswith(".dates.npy"))
+    if targets is None:
+        derived = {f"{m}{end}" for m in mods for end in (".npy", ".dates.npy", ".valid.npy")}
+        targets = sorted(s[: -len(".npy")] for s in members if s.endswith(".npy") and s not in derived)
     arrays, dates, valid, tgts = {}, {}, {}, {}
     for mod in mods:
         for suffix, dest in ((f"{mod}.npy", arrays), (f"{mod}.dates.npy", dates)):
@@ -176,3 +184,38 @@ def decode(key: str, members: dict[str, bytes], where: str = "") -> Sample:
     s = Sample(key, arrays, dates, valid, tgts, meta)
     s.check(where)
     return s
+
+
+def check_values(sample: Sample, specs: dict[str, dict[str, Any]], where: str = "") -> None:
+    """Refuse (DataError naming the sample, member and value) values no model should train on.
+
+    `specs` maps modality names to spec fields (`dtype`, `num_dates`; a manifest's `modalities`
+    or the loader's specs as dicts); modalities not in it are not checked. An array's dtype is
+    wrong when the modality's dtype cannot hold all its values (int16 for uint16, float64 for
+    float32; uint8 or float16 for float32 is fine). The loader calls this
+    for every sample it decodes, verify for every sample of a split.
+    """
+    at = f"{where}sample '{sample.key}'"
+    for mod, x in sample.arrays.items():
+        spec = specs.get(mod)
+        if spec is None:
+            continue
+        if x.dtype.kind not in "buif" or not np.can_cast(x.dtype, spec["dtype"], "safe"):
+            raise DataError(
+                f"{at}: '{mod}.npy' is {x.dtype}; the modality stores {spec['dtype']}, which cannot "
+                f"hold every {x.dtype} value (set data.modalities.{mod}.dtype, or write {spec['dtype']})"
+            )
+        if x.shape[0] == 0:
+            kind = "temporal modality" if spec["num_dates"] > 1 else "modality"
+            raise DataError(f"{at}: '{mod}.npy' has 0 dates; a {kind} needs at least one")
+        doy = sample.dates[mod][:, 1]
+        if doy.min() < 1 or doy.max() > 366:
+            bad = int(np.flatnonzero((doy < 1) | (doy > 366))[0])
+            row = tuple(int(v) for v in sample.dates[mod][bad])
+            unset = " (an unset date)" if row == (0, 0, 0) else ""
+            raise DataError(
+                f"{at}: '{mod}.dates.npy' row {bad} is {row}{unset}; day of year must be in 1-366"
+            )
+        # All-NaN arrays are rare: look at every value only when the first one is NaN.
+        if x.dtype.kind == "f" and np.isnan(x.flat[0]) and np.isnan(x).all():
+            raise DataError(f"{at}: '{mod}.npy' is NaN everywhere; nothing in it to learn from")

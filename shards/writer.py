@@ -1,8 +1,9 @@
 """Write samples to WebDataset tar shards of a target size, then `manifest.json`, last.
 
 `ShardWriter` packs encoded samples into `SPLIT-000000.tar`, `SPLIT-000001.tar`, ... under a split
-URL (local folder or `s3://`), hashing every byte as it streams out, and accumulates per-band
-statistics. `write_split` drives it from a list of source items read in parallel by worker
+URL (local folder or `s3://`), hashing every byte as it streams out (the whole shard, and each
+sample for the shard's index `SPLIT-000000.index.json`, written when the shard closes), and
+accumulates per-band statistics. `write_split` drives it from a list of source items read in parallel by worker
 processes, with a progress bar, and handles bad samples (skipped and listed, or fatal).
 A split that fails part-way keeps no manifest, so it is never taken for a complete one.
 """
@@ -12,22 +13,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import multiprocessing
-import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
+import numpy as np
 from tqdm import tqdm
 
 from maestro import storage
 from maestro.errors import DataError
 from maestro.modalities import ModalitySpec, TargetSpec
 from shards import manifest as manifest_io
-from shards.schema import FORMAT, VERSION, Sample, encode
+from shards.index import ShardIndex, index_url, write_index
+from shards.schema import Sample, encode
 from shards.stats import BandStats, provenance
+from shards.tar import check_key, end_of_archive, tar_bytes
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
-_TAR_BLOCK = 512
 
 
 class _HashingWriter:
@@ -51,6 +53,35 @@ def raw_band_names(spec: ModalitySpec, channels: int) -> list[str]:
     return [by_source.get(c, f"channel{c}") for c in range(channels)]
 
 
+def sample_tar_bytes(sample: Sample) -> bytes:
+    """The tar members of a sample, headers included, as they go into a shard."""
+    return tar_bytes(sample.key, encode(sample))
+
+
+class Statistics:
+    """Per-band statistics of the samples of a split, per modality (the manifest's `statistics`)."""
+
+    def __init__(self, modalities: dict[str, ModalitySpec]):
+        self.modalities = modalities
+        self.seen: dict[str, BandStats] = {}
+
+    def add(self, sample: Sample) -> None:
+        for mod, x in sample.arrays.items():
+            spec = self.modalities.get(mod)
+            if mod not in self.seen:
+                self.seen[mod] = BandStats(x.shape[1])
+            self.seen[mod].add(x, sample.valid.get(mod), spec.nodata if spec else None)
+
+    def summary(self, samples: int) -> dict[str, Any]:
+        stats = {}
+        for mod, acc in self.seen.items():
+            spec = self.modalities.get(mod)
+            channels = len(acc.count)
+            names = raw_band_names(spec, channels) if spec else [f"channel{c}" for c in range(channels)]
+            stats[mod] = acc.summary(names)
+        return {"provenance": provenance(samples), "modalities": stats}
+
+
 @dataclasses.dataclass
 class Bad:
     """A source sample that could not be read: its id and why (returned by readers under skip_bad)."""
@@ -60,7 +91,7 @@ class Bad:
 
 
 class ShardWriter:
-    """Samples in, tar shards out; `close()` writes the manifest and returns it."""
+    """Samples in, tar shards and their indexes out; `close()` writes the manifest and returns it."""
 
     def __init__(
         self,
@@ -84,19 +115,19 @@ class ShardWriter:
         self.shard_bytes, self.shard_samples = shard_bytes, shard_samples
         self.shards: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
-        self.stats: dict[str, BandStats] = {}
+        self.statistics = Statistics(modalities)
+        self.stats = self.statistics.seen  # {modality: BandStats}, as Ray conversion parts save them
         self.samples = 0
         self.bytes_written = 0
-        self._tar: tarfile.TarFile | None = None
         self._out: _HashingWriter | None = None
         self._raw: IO[bytes] | None = None
-        self._keys: list[str] = []
+        self._rows: list[tuple[str, int, int, str]] = []  # this shard's (key, offset, size, sha256)
         self._seen: set[str] = set()
         self._prepare(overwrite)
 
     def _prepare(self, overwrite: bool) -> None:
         names = storage.list_names(self.url)
-        existing = [n for n in names if n == manifest_io.MANIFEST or n.endswith(".tar")]
+        existing = [n for n in names if n == manifest_io.MANIFEST or n.endswith((".tar", ".index.json"))]
         if existing and not overwrite:
             raise DataError(
                 f"{self.url}: already holds a split ({len(existing)} files, e.g. {existing[0]}); "
@@ -111,26 +142,19 @@ class ShardWriter:
     def add(self, sample: Sample) -> None:
         if sample.key in self._seen:
             raise DataError(f"{self.url}: sample key '{sample.key}' written twice; sample ids must be unique")
-        members = encode(sample)
-        size = sum(_TAR_BLOCK + -(-len(b) // _TAR_BLOCK) * _TAR_BLOCK for b in members.values())
-        if self._tar is not None and (
-            self._out.bytes + size > self.shard_bytes or len(self._keys) == self.shard_samples
+        check_key(sample.key, f"{self.url}: ")
+        data = sample_tar_bytes(sample)
+        if self._out is not None and (
+            self._out.bytes + len(data) > self.shard_bytes or len(self._rows) == self.shard_samples
         ):
             self._close_shard()
-        if self._tar is None:
+        if self._out is None:
             self._open_shard()
-        for suffix, data in members.items():
-            info = tarfile.TarInfo(f"{sample.key}.{suffix}")
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            self._tar.addfile(info, _BytesReader(data))
-        self._keys.append(sample.key)
+        self._rows.append((sample.key, self._out.bytes, len(data), hashlib.sha256(data).hexdigest()))
+        self._out.write(data)
         self._seen.add(sample.key)
         self.samples += 1
-        for mod, x in sample.arrays.items():
-            spec = self.modalities.get(mod)
-            if mod not in self.stats:
-                self.stats[mod] = BandStats(x.shape[1])
-            self.stats[mod].add(x, sample.valid.get(mod), spec.nodata if spec else None)
+        self.statistics.add(sample)
 
     @property
     def bytes_so_far(self) -> int:
@@ -142,58 +166,52 @@ class ShardWriter:
 
     def _open_shard(self) -> None:
         name = manifest_io.shard_name(self.split, len(self.shards))
+        # Open across `add` calls, closed by `_close_shard` or `abort`: no context manager fits.
         self._raw = storage.open_file(storage.join(self.url, name), "wb")
         self._out = _HashingWriter(self._raw)
-        # Open across `add` calls, closed by `_close_shard` or `abort`: no context manager fits.
-        self._tar = tarfile.open(fileobj=self._out, mode="w|")  # noqa: SIM115
         self.shards.append({"name": name})
 
     def _close_shard(self) -> None:
-        self._tar.close()
+        end = self._out.bytes
+        self._out.write(end_of_archive(end))
         self._raw.close()
         entry = self.shards[-1]
-        entry.update(samples=len(self._keys), bytes=self._out.bytes, sha256=self._out.sha.hexdigest())
-        entry["keys"] = self._keys
+        url = storage.join(self.url, entry["name"])
+        keys, offsets, sizes, digests = (list(c) for c in zip(*self._rows))
+        index = ShardIndex(entry["name"], keys, np.array(offsets), np.array(sizes), digests, end)
+        data = write_index(url, index)
+        entry.update(samples=len(keys), bytes=self._out.bytes, sha256=self._out.sha.hexdigest())
+        entry["index"] = {
+            "name": index_url(url).rsplit("/", 1)[-1],
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
         self.bytes_written += self._out.bytes
-        self._tar, self._out, self._raw, self._keys = None, None, None, []
+        self._out, self._raw, self._rows = None, None, []
 
     def abort(self) -> None:
-        """Close the open shard without a manifest: the split stays visibly incomplete."""
-        if self._tar is not None:
-            self._tar.close()
+        """Close the open shard without an index or manifest: the split stays visibly incomplete."""
+        if self._raw is not None:
             self._raw.close()
-            self._tar = None
+            self._out, self._raw = None, None
 
     def close(self) -> dict[str, Any]:
-        if self._tar is not None:
+        if self._out is not None:
             self._close_shard()
         if self.samples == 0:
             raise DataError(
                 f"{self.url}: no sample was written ({len(self.skipped)} skipped); nothing to make a split of"
             )
-        stats = {}
-        for mod, acc in self.stats.items():
-            spec = self.modalities.get(mod)
-            names = (
-                raw_band_names(spec, len(acc.count))
-                if spec
-                else [f"channel{c}" for c in range(len(acc.count))]
-            )
-            stats[mod] = acc.summary(names)
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "dataset": self.dataset,
-            "split": self.split,
-            "source": self.source,
-            "samples": self.samples,
-            "bytes": self.bytes_written,
-            "modalities": {m: dataclasses.asdict(s) for m, s in self.modalities.items() if m in self.stats},
-            "targets": {t: dataclasses.asdict(s) for t, s in self.targets.items()},
-            "statistics": {"provenance": provenance(self.samples), "modalities": stats},
-            "shards": [s for s in self.shards if s.get("samples")],
-            "skipped": self.skipped,
-        }
+        manifest = manifest_io.build(
+            dataset=self.dataset,
+            split=self.split,
+            source=self.source,
+            modalities={m: s for m, s in self.modalities.items() if m in self.stats},
+            targets=self.targets,
+            statistics=self.statistics.summary(self.samples),
+            shards=[s for s in self.shards if s.get("samples")],
+            skipped=self.skipped,
+        )
         manifest_io.write(self.url, manifest)
         return manifest
 
@@ -203,19 +221,6 @@ class ShardWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-
-
-class _BytesReader:
-    """The minimal file object `tarfile.addfile` reads a member's bytes from."""
-
-    def __init__(self, data: bytes):
-        self.data, self.pos = memoryview(data), 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else min(len(self.data), self.pos + n)
-        out = self.data[self.pos : end].tobytes()
-        self.pos = end
-        return out
 
 
 def _read_guarded(args: tuple[Callable[[Any], Sample], Any, bool]) -> Sample | Bad:

@@ -22,8 +22,9 @@ from maestro.data import build_loader
 from maestro.data.arena import MAX_SLOTS, Arena
 from maestro.data.collate import collate_packed, collate_padded
 from maestro.data.prepare import Recipe, prepare, select
-from maestro.data.tar_stream import read_samples
 from maestro.errors import DataError
+from shards.index import build_index, read_index, write_index
+from shards.reader import read_samples
 from shards.schema import decode
 from shards.synth import write_synthetic
 
@@ -66,12 +67,13 @@ def _assert_batches_equal(a: list[dict], b: list[dict]) -> None:
 
 
 def _rewrite_manifest(split: str) -> None:
-    """Make the manifest agree with the shards' sizes and hashes after a test tampered with them."""
+    """Make the manifest and indexes agree with the shards' sizes and hashes after a test tampered with them."""
     path = Path(split) / "manifest.json"
     m = json.loads(path.read_text())
     for s in m["shards"]:
         data = (Path(split) / s["name"]).read_bytes()
         s["bytes"], s["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+        write_index(f"{split}/{s['name']}", build_index(f"{split}/{s['name']}"))
     path.write_text(json.dumps(m))
 
 
@@ -204,7 +206,7 @@ def _tamper_member(split: str, shard: str, key: str, suffix: str, data: bytes) -
 def test_shard_with_a_pickle_member_is_refused(tmp_path):
     url = _archive(tmp_path, 10, 5)
     m = json.loads((Path(url) / "manifest.json").read_text())
-    key = m["shards"][0]["keys"][2]
+    key = read_index(f"{url}/{m['shards'][0]['name']}").keys[2]
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     _tamper_member(url, m["shards"][0]["name"], key, "s2.npy", pickled.getvalue())
@@ -228,7 +230,7 @@ def test_corrupt_shard_is_skipped_and_counted_while_the_rest_streams(tmp_path):
     loader = build_loader(_cfg(url, batch_size=1, workers=2, shuffle_buffer=0))
     batches = _take(loader, 40)
     epoch0 = [b["_keys"][0] for b in batches if b["_epoch"] == 0]
-    good = {k for s in (m["shards"][0], m["shards"][2]) for k in s["keys"]}
+    good = {k for s in (m["shards"][0], m["shards"][2]) for k in read_index(f"{url}/{s['name']}").keys}
     assert good <= set(epoch0) and len(epoch0) == len(set(epoch0))
     lost = 15 - len(epoch0)
     assert lost > 0

@@ -50,7 +50,7 @@ def test_two_ray_workers_write_the_one_process_shards(tmp_path):
             assert got["std"] == pytest.approx(s["std"], rel=1e-6)
     split = tmp_path / "two" / "train"
     assert sorted(p.name for p in split.iterdir()) == sorted(
-        ["manifest.json", *(s["name"] for s in two["shards"])]
+        ["manifest.json", *(s["name"] for s in two["shards"]), *(s["index"]["name"] for s in two["shards"])]
     )
     assert manifest_io.read(str(split))["samples"] == 10  # a valid manifest, written last
     keys = [s.key for s in reader.iter_split(str(split))]
@@ -110,7 +110,11 @@ def test_an_existing_split_is_kept_unless_overwrite(tmp_path):
     again = write_synthetic(str(tmp_path), "treesatai_ts", 4, 1, **kw, ray="", overwrite=True)
     names = sorted(p.name for p in (tmp_path / "train").iterdir())
     assert names == sorted(
-        ["manifest.json", *(s["name"] for s in again["shards"])]
+        [
+            "manifest.json",
+            *(s["name"] for s in again["shards"]),
+            *(s["index"]["name"] for s in again["shards"]),
+        ]
     )  # the old shards are gone
     assert [s["sha256"] for s in again["shards"]] != [s["sha256"] for s in first["shards"]]
 
@@ -123,7 +127,7 @@ def test_ray_tasks_write_to_s3(s3_bucket, tmp_path):
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in local["shards"]]
     assert manifest_io.read(f"{url}/train")["samples"] == 5
     assert sorted(storage.list_names(f"{url}/train")) == sorted(
-        ["manifest.json", *(s["name"] for s in m["shards"])]
+        ["manifest.json", *(s["name"] for s in m["shards"]), *(s["index"]["name"] for s in m["shards"])]
     )
     assert [s.key for s in reader.iter_split(f"{url}/train")] == [
         s.key for s in reader.iter_split(str(tmp_path / "train"))

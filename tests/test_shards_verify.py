@@ -123,7 +123,13 @@ def test_cli_convert_and_bench(tmp_path, capsys, fixtures_dir):
 def test_s3_synth_convert_inspect_verify(s3_bucket, fixtures_dir, capsys):
     url = f"s3://{s3_bucket}/synth"
     m = write_synthetic(url, "treesatai_ts", 4, seed=2, sizes=SMALL, max_dates=8, shard_samples=3)
-    assert storage.list_names(f"{url}/train") == ["manifest.json", "train-000000.tar", "train-000001.tar"]
+    assert storage.list_names(f"{url}/train") == [
+        "manifest.json",
+        "train-000000.index.json",
+        "train-000000.tar",
+        "train-000001.index.json",
+        "train-000001.tar",
+    ]
     assert manifest.read(f"{url}/train")["shards"] == json.loads(json.dumps(m["shards"]))
     got = list(reader.iter_split(f"{url}/train"))
     for i, s in enumerate(got):

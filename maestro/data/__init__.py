@@ -1,7 +1,7 @@
 """The streaming loader: shards (local or s3://) -> model batches, for every rank of a job.
 
 Stages: manifest and shard list (`plan`), split across ranks and workers and shuffled by
-(seed, epoch) (`plan`), tar reading with retries (`tar_stream`), safe decode (`shards.schema`),
+(seed, epoch) (`plan`), tar reading by index with retries and digests (`shards.reader`), safe decode (`shards.schema`),
 date policy (`dates`), crop, scaling and flips (`geometry`, `transforms`, `prepare`), collate
 (`collate`), in resumable per-worker streams (`stream`) behind `build_loader` (`loader`).
 """

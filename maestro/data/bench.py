@@ -118,7 +118,7 @@ def bench_decode(cfg, shard_url: str, limit: int = 64) -> dict[str, float]:
     """
     from maestro import storage
     from maestro.data.prepare import Recipe, select
-    from maestro.data.tar_stream import read_samples
+    from shards.reader import read_samples
     from shards.schema import decode
 
     recipe = Recipe.from_config(cfg, train=True)

@@ -30,9 +30,11 @@ from shards import manifest as manifest_io
 
 @dataclass(frozen=True)
 class Shard:
+    """A shard as the plan sees it: its samples are positions 0..samples-1, in file order (their
+    keys and byte ranges are in the shard's index, read only by the reader of the shard)."""
+
     url: str
     samples: int
-    keys: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,8 @@ def consumed(plan: Plan, positions: list[list[int]], low: int) -> dict[int, np.n
     return out
 
 
-def load_shards(url: str) -> tuple[dict, list[Shard]]:
-    """The manifest and its shards, checked against what the folder/prefix really holds."""
+def _split_shards(url: str) -> tuple[dict, list[Shard]]:
+    """One split's manifest and shards, checked against what the folder/prefix really holds."""
     manifest = manifest_io.read(url)
     listing = storage.file_sizes(url)
     listed = {s["name"] for s in manifest["shards"]}
@@ -162,5 +164,30 @@ def load_shards(url: str) -> tuple[dict, list[Shard]]:
         )
     if not manifest["shards"]:
         raise DataError(f"{where}: lists no shards")
-    shards = [Shard(storage.join(url, s["name"]), s["samples"], tuple(s["keys"])) for s in manifest["shards"]]
-    return manifest, shards
+    return manifest, [Shard(storage.join(url, s["name"]), s["samples"]) for s in manifest["shards"]]
+
+
+def load_shards(urls: str | list[str]) -> tuple[dict, list[Shard]]:
+    """The manifest and shards of one split, or the shards of several (`data.shards` as a list)
+    planned as one, in the order listed, with a combined manifest: the `modalities` every split
+    holds, and `splits`, each split's own manifest."""
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    if len(set(map(storage.absolute, urls))) != len(urls):
+        raise DataError(f"data.shards lists a split twice ({urls}); each sample would be seen twice an epoch")
+    manifests, shards = [], []
+    for url in urls:
+        manifest, more = _split_shards(url)
+        manifests.append(manifest)
+        shards += more
+    if len(manifests) == 1:
+        return manifests[0], shards
+    first = {k: v for k, v in manifests[0].items() if k != "shards"}
+    common = {
+        m: spec for m, spec in first["modalities"].items() if all(m in x["modalities"] for x in manifests)
+    }
+    return {
+        **first,
+        "modalities": common,
+        "samples": sum(s.samples for s in shards),
+        "splits": manifests,
+    }, shards

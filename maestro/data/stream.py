@@ -2,13 +2,17 @@
 
 A position `[epoch, p, sub]` means "next comes item `sub` of the `p`-th sample to leave the
 shuffle buffer in `epoch`". Reading resumes there exactly: samples emitted before `p` are skipped
-unread (by seeking), the ones still in the buffer at `p` are read again. Samples are decoded only
-when they leave the buffer. A sample that cannot be read, decoded or prepared (after retries for
-transient read errors) is skipped and counted; with `strict` the error is raised instead.
+unread (the shard's index gives each sample's byte range: the reader seeks straight to the ones
+it wants), the ones still in the buffer at `p` are read again. Samples are decoded only when they
+leave the buffer. A sample that cannot be read, fails its digest, is damaged, decodes badly, holds
+bad values (`shards.schema.check_values`) or cannot be prepared (after retries for transient read
+errors) is skipped and counted, and the log names its shard and key; with `strict` the error is
+raised instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,10 +24,11 @@ from maestro.data.arena import Arena
 from maestro.data.collate import collate_packed, collate_padded, item_tokens
 from maestro.data.plan import EpochOrder, Plan
 from maestro.data.prepare import Recipe, select
-from maestro.data.tar_stream import read_samples
 from maestro.errors import DataError
 from maestro.modalities import ModalitySpec
-from shards.schema import decode
+from shards.index import ShardIndex, load_index
+from shards.reader import read_samples
+from shards.schema import check_values, decode
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,8 @@ class ReaderStream:
         self.worker, self.strict, self.opener = worker, strict, opener
         self.skipped = skipped  # samples skipped so far by this reader (restored with its position)
         self.arena = arena  # reused batch buffers (see maestro/data/arena.py); None: fresh ones
+        self._specs = {m: dataclasses.asdict(s) for m, s in recipe.specs.items()}
+        self._last_index: tuple[str, ShardIndex] | None = None
 
     def _fail(self, where: str, e: BaseException) -> _Failed:
         if self.strict:
@@ -65,14 +72,20 @@ class ReaderStream:
         log.warning("skipping %s: %s", where, e)
         return _Failed(f"{e.__class__.__name__}: {e}")
 
-    def _emitted(self, order: EpochOrder, start: int) -> Iterator[tuple[int, int, Any]]:
-        """(p, read position, members or _Failed) for emissions p >= start, reading shards in order."""
+    def _index(self, url: str) -> ShardIndex:
+        """The index of the shard being read (kept: with strided parts a reader rereads its shard)."""
+        if self._last_index is None or self._last_index[0] != url:
+            self._last_index = (url, load_index(url, self.opener))
+        return self._last_index[1]
+
+    def _emitted(self, order: EpochOrder, start: int) -> Iterator[tuple[int, int, str, Any]]:
+        """(p, read position, key, members or _Failed) for emissions p >= start, reading shards in order."""
         m = len(order.emission)
         if start >= m:
             return
         arrived = np.zeros(m, dtype=bool)
         arrived[order.emission[:start]] = True
-        pending: dict[int, Any] = {}
+        pending: dict[int, tuple[str, Any]] = {}
         p = start
         unit_start = np.searchsorted(order.read_unit, np.arange(len(order.units) + 1))
         first = int(order.read_unit[order.emission[start:].min()])
@@ -80,28 +93,34 @@ class ReaderStream:
             unit = order.units[ui]
             shard = self.plan.shards[unit.shard]
             r0, r1 = int(unit_start[ui]), int(unit_start[ui + 1])
-            position = {shard.keys[i]: r0 + n for n, i in enumerate(order.read_index[r0:r1])}
+            reads = [int(i) for i in order.read_index[r0:r1]]
+            keys = [f"#{i}" for i in reads]  # until the index names them
             reason = "missing from its shard (listed in the manifest)"
-
-            def want(key: str, position: dict[str, int] = position) -> bool:
-                return key in position and not arrived[position[key]]
-
             try:
-                for key, members in read_samples(shard.url, want, self.opener):
+                index = self._index(shard.url)
+                if index.digests is not None and len(index) != shard.samples:
+                    raise DataError(
+                        f"{shard.url}: its index lists {len(index)} samples; the manifest says {shard.samples}"
+                    )
+                keys = [index.keys[i] if i < len(index) else f"#{i}" for i in reads]
+                position = {k: r0 + n for n, k in enumerate(keys) if not arrived[r0 + n]}
+                for key, members in read_samples(shard.url, position.__contains__, self.opener, index=index):
                     r = position[key]
                     arrived[r] = True
-                    pending[r] = members
+                    if isinstance(members, DataError):
+                        members = self._fail(f"{shard.url} sample '{key}'", members)
+                    pending[r] = (key, members)
                     while p < m and order.emission[p] in pending:
-                        yield p, int(order.emission[p]), pending.pop(int(order.emission[p]))
+                        yield p, int(order.emission[p]), *pending.pop(int(order.emission[p]))
                         p += 1
             except (DataError, OSError) as e:
                 reason = self._fail(shard.url, e).reason
             for r in range(r0, r1):
                 if not arrived[r]:
                     arrived[r] = True
-                    pending[r] = _Failed(reason)
+                    pending[r] = (keys[r - r0], _Failed(reason))
             while p < m and order.emission[p] in pending:
-                yield p, int(order.emission[p]), pending.pop(int(order.emission[p]))
+                yield p, int(order.emission[p]), *pending.pop(int(order.emission[p]))
                 p += 1
 
     def items(self, start: list[int]) -> Iterator[tuple[dict[str, Any], list[int], int]]:
@@ -111,15 +130,17 @@ class ReaderStream:
         while True:
             order = plan.epoch_order(epoch, self.worker)
             produced = False
-            for p, r, got in self._emitted(order, p0):
+            for p, r, key, got in self._emitted(order, p0):
                 shard_i = order.units[int(order.read_unit[r])].shard
                 index = int(order.read_index[r])
                 shard = plan.shards[shard_i]
-                where = f"{shard.url} sample '{shard.keys[index]}'"
+                where = f"{shard.url} sample '{key}'"
                 if not isinstance(got, _Failed):
                     rng = np.random.default_rng([plan.seed, epoch, plan.rank, self.worker, shard_i, index])
                     try:
-                        got = select(decode(shard.keys[index], got, f"{shard.url} "), self.recipe, rng, where)
+                        sample = decode(key, got, f"{shard.url} ")
+                        check_values(sample, self._specs, f"{shard.url} ")
+                        got = select(sample, self.recipe, rng, where)
                     except Exception as e:  # anything a bad sample can raise; strict re-raises
                         got = self._fail(where, e)
                 if isinstance(got, _Failed):

@@ -18,30 +18,34 @@ from maestro.errors import CheckpointError, ConfigError, DataError
 from maestro.train.loop import run_url
 
 
-def read_manifest(url: str) -> dict[str, Any]:
-    """The split's manifest, checked against the shards its folder holds (`load_shards`)."""
+def read_manifest(urls: str | list[str]) -> dict[str, Any]:
+    """The manifest of the split (or the combined manifest of the splits listed in data.shards),
+    checked against the shards each folder holds (`load_shards`)."""
     from maestro.data.plan import load_shards
 
-    if not url:
+    if not urls:
         raise ConfigError(
             "data.shards",
-            url,
-            "a shard folder or s3:// URL (make one with `maestro shards synth` or `convert`)",
+            urls,
+            "a shard folder or s3:// URL, or a list of them (make one with `maestro shards synth` or `convert`)",
         )
-    where = storage.join(url, "manifest.json")
+    for url in [urls] if isinstance(urls, str) else urls:
+        where = storage.join(url, "manifest.json")
+        try:
+            found = storage.exists(where)
+        except Exception as e:  # any transport or credential failure, named with the URL below
+            raise DataError(f"cannot reach the shards at {url}: {e.__class__.__name__}: {e}") from e
+        if not found:
+            raise DataError(
+                f"no manifest.json at {url} (data.shards): point data.shards at a split folder written by "
+                "`maestro shards synth` or `maestro shards convert`"
+            )
     try:
-        found = storage.exists(where)
-    except Exception as e:  # any transport or credential failure, named with the URL below
-        raise DataError(f"cannot reach the shards at {url}: {e.__class__.__name__}: {e}") from e
-    if not found:
-        raise DataError(
-            f"no manifest.json at {url} (data.shards): point data.shards at a split folder written by "
-            "`maestro shards synth` or `maestro shards convert`"
-        )
-    try:
-        manifest, _ = load_shards(url)
+        manifest, _ = load_shards(urls)
     except (AttributeError, KeyError, TypeError) as e:  # valid JSON, but not a manifest's shape
-        raise DataError(f"{where} is not a maestro manifest ({e.__class__.__name__}: {e})") from e
+        raise DataError(
+            f"{urls} holds a manifest.json that is not a maestro manifest ({e.__class__.__name__}: {e})"
+        ) from e
     return manifest
 
 
