@@ -36,6 +36,7 @@ from maestro.model import targets
 from maestro.model.attention import Packing, check_backend
 from maestro.model.blocks import Transformer
 from maestro.model.encodings import date_encoding, position_encoding, sincos_table
+from maestro.model.heads import build_heads
 from maestro.model.masking import select_packed, select_visible
 from maestro.model.ops import kernel_ops
 from maestro.model.output import Geometry, ModelOutput
@@ -113,6 +114,9 @@ class MAESTRO(nn.Module):
             self.register_buffer(f"pos_dec_{m}", position_encoding(dec_table, s.grid), persistent=False)
         self.masking = SequenceMasks(cfg, self.specs, self.members, self.per_image)
         self.geometry = {m: Geometry(tuple(s.groups), s.grid, s.patch_size) for m, s in self.specs.items()}
+        self.heads = build_heads(
+            cfg.derived.targets, self.specs, size.dim, cfg.model.head, cfg.derived.crop_m
+        )
 
     # --- configuration helpers ------------------------------------------------------------------
 
@@ -221,6 +225,15 @@ class MAESTRO(nn.Module):
         enc = self.encode_rows(rows, packs)
         seqs = {k: v.view(b, -1, v.shape[-1]) for k, v in enc.items()}
         return self.from_sequences(seqs, {m: t.shape[1] for m, t in tokens.items()})
+
+    def predict(self, batch: Batch, frozen: bool = False) -> dict[str, Tensor]:
+        """Downstream logits of every head, {TARGET: (B, K) or (B, K, H, W)}, from all tokens
+        (`maestro.model.heads`). `frozen`: the encoder runs without gradients (probing)."""
+        if is_packed(batch):
+            raise ValueError("downstream heads take padded batches; set data.token_budget=0")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            tokens = self.encode(batch)
+        return {name: head(tokens) for name, head in self.heads.items()}
 
     # --- decoder and loss -------------------------------------------------------------------------
 
