@@ -16,7 +16,7 @@ import sys
 from maestro.errors import MaestroError
 
 # Modules that add top-level commands (`maestro NAME ...`) and `maestro bench NAME ...` commands.
-COMMAND_MODULES = ["maestro.cli_info", "shards.cli", "maestro.train.cli"]
+COMMAND_MODULES = ["maestro.cli_info", "shards.cli", "maestro.train.cli", "maestro.eval.cli"]
 BENCH_MODULES: list[str] = ["maestro.data.bench", "maestro.train.bench"]
 
 

@@ -469,8 +469,19 @@ def resolve(cfg: Config) -> Config:
     ev = cfg.eval
     for k in ("probe_steps", "finetune_steps", "val_every", "probe_samples"):
         _check(getattr(ev, k) > 0, f"eval.{k}", getattr(ev, k), "a positive number")
+    _check(ev.every >= 0, "eval.every", ev.every, "0 (off) or a positive number of steps")
+    _check(ev.patience >= 0, "eval.patience", ev.patience, "0 (never stop early) or a number of validations")
     _check(
-        ev.every >= 0 and ev.patience >= 0, "eval.every", ev.every, "0 (off) or a positive number of steps"
+        ev.every % t.log_every == 0,
+        "eval.every",
+        ev.every,
+        f"a multiple of train.log_every={t.log_every} (the in-loop probe runs at log steps)",
+    )
+    _check(
+        not ev.every or r.workers == 1 or t.zero_stage < 3,
+        "eval.every",
+        ev.every,
+        "0 with ZeRO stage 3 on several workers (rank 0 probes with the whole model)",
     )
     _resolve_modalities(cfg)
     d = cfg.derived

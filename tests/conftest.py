@@ -87,3 +87,13 @@ def s3_bucket(s3_endpoint) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def treesatai_shards(fixtures_dir, tmp_path_factory) -> Path:
+    """The real TreeSatAI-TS fixture samples converted to shards: OUT/{train,val,test}, 2 samples each."""
+    from shards.convert import convert
+
+    out = tmp_path_factory.mktemp("treesatai_shards")
+    convert("treesatai_ts", fixtures_dir / "treesatai_ts", str(out))
+    return out

@@ -318,6 +318,12 @@ class Trainer:
         )
         if self.peak:
             values["perf/mfu"] = tps * self.flops_per_token / self.peak
+        if self.cfg.eval.every and step % self.cfg.eval.every == 0:  # rank 0's in-loop probe
+            from maestro.eval.inloop import probe_scores
+
+            values.update(
+                probe_scores(self.cfg, self.engine.module.model, self.place.device, self.stepper.dtype)
+            )
         assert self.board is not None
         self.board.scalars(step, values)
         console(metrics.progress_line(step, self.cfg.train.steps, losses["loss"], sps, seconds / steps))
