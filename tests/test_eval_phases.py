@@ -172,3 +172,16 @@ def test_export_writes_the_encoder_alone_and_build_encoder_loads_it(run, treesat
     for m in want:
         torch.testing.assert_close(got[m], want[m])
     assert pooled.shape == (2, 32)
+
+
+def test_a_phase_without_weights_to_start_from_is_refused_before_it_starts(treesatai_shards, tmp_path):
+    from maestro.errors import CheckpointError
+
+    cfg = config.from_dict({}, [*small(treesatai_shards, tmp_path), "run.name=never_pretrained"])
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint.*model.init"):
+        phase_config(cfg, "probe")
+    missing = config.from_dict(
+        {}, [*small(treesatai_shards, tmp_path), f"model.init={tmp_path}/x.safetensors"]
+    )
+    with pytest.raises(CheckpointError, match="no such file"):
+        phase_config(missing, "probe")

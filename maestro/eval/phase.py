@@ -41,7 +41,7 @@ from maestro import config, storage
 from maestro.config import Config
 from maestro.eval.data import SPLITS, Pass, split_url, train_stream
 from maestro.eval.tasks import build_metric, default_monitor, task_loss, update_metric
-from maestro.eval.weights import load_init, save_weights
+from maestro.eval.weights import check_init, load_init, save_weights
 from maestro.model.ema import EMA, reference_momentum
 from maestro.parallel import dist
 from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards
@@ -112,6 +112,7 @@ def phase_config(cfg: Config, phase: str) -> Config:
         final_factor=ev.probe_final_factor if probe else ev.finetune_final_factor,
     )
     raw["model"]["init"] = default_init(cfg, phase)
+    check_init(raw["model"]["init"])
     raw["eval"].update({s: storage.absolute(split_url(cfg, s)) for s in SPLITS})
     raw["run"].update(storage=run_url(cfg), name=phase)
     return config.from_dict(raw)

@@ -52,10 +52,22 @@ def read_file(url: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def read_run(url: str) -> dict[str, Tensor]:
-    """The model weights of a run folder's newest complete checkpoint."""
-    import json
+def is_file(source: str) -> bool:
+    return source.endswith((".safetensors", ".ckpt", ".pt", ".pth"))
 
+
+def check_init(source: str) -> None:
+    """Raise CheckpointError (before any worker starts) when `model.init` names nothing loadable."""
+    if source == "random":
+        return
+    if is_file(source):
+        if not storage.exists(source):
+            raise CheckpointError(f"model.init={source}: no such file")
+        return
+    _latest(source)
+
+
+def _latest(url: str) -> tuple[checkpoint.CheckpointStore, int]:
     store = checkpoint.CheckpointStore(url, keep=1)
     step = store.latest()
     if step is None:
@@ -63,6 +75,14 @@ def read_run(url: str) -> dict[str, Tensor]:
             f"{url} holds no complete checkpoint to evaluate; pretrain first (maestro pretrain), or "
             "set model.init to a weights file or to 'random'"
         )
+    return store, step
+
+
+def read_run(url: str) -> dict[str, Tensor]:
+    """The model weights of a run folder's newest complete checkpoint."""
+    import json
+
+    store, step = _latest(url)
     state = json.loads(store.read(step, "state.json"))
     name = checkpoint.tag(step)
     if state["zero_stage"] < 3:
@@ -79,7 +99,7 @@ def read_run(url: str) -> dict[str, Tensor]:
 
 
 def read_init(source: str) -> dict[str, Tensor]:
-    if source.endswith((".safetensors", ".ckpt", ".pt", ".pth")):
+    if is_file(source):
         return read_file(source)
     return read_run(source)
 
