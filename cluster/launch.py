@@ -71,6 +71,15 @@ def recorded_error(url: str) -> MaestroError | None:
     return errors.by_name(report["error"], report["message"])
 
 
+def _inloop_probe(cfg: Config) -> loop.Probe | None:
+    """The downstream probe the trainer runs every `eval.every` steps (None when off)."""
+    if not cfg.eval.every:
+        return None
+    from maestro.eval.inloop import probe_scores
+
+    return probe_scores
+
+
 def worker_entry(loop_config: dict[str, Any], on_step: Callable[[int, Any], None] | None = None) -> None:
     """The Ray Train worker function.
 
@@ -87,7 +96,7 @@ def worker_entry(loop_config: dict[str, Any], on_step: Callable[[int, Any], None
     try:
         cfg = config.from_dict(loop_config["config"])
         with forward_stdout(loop_config.get("console"), rank):
-            loop.train(cfg, on_step)
+            loop.train(cfg, on_step, probe=_inloop_probe(cfg))
     except loop.Diverged:
         return
     except MaestroError as e:

@@ -32,6 +32,7 @@ class DataConfig:
         ""  # URL of a shard split (local folder or s3://bucket/prefix), or a list of them
     )
     inputs: list[str] | None = None  # modalities fed to the model; None: the preset's
+    targets: list[str] | None = None  # downstream targets (heads, labels); None: the preset's first
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-modality deltas or new sensors
     batch_size: int = 32  # per worker (micro-batch)
     workers: int = 4  # data-loader processes per rank
@@ -57,6 +58,8 @@ class ModelConfig:
     kernels: Literal["triton", "torch"] = "torch"
     use_date_enc: bool = True
     interpolate: Literal["nearest", "bilinear"] = "nearest"
+    head: Literal["attentive", "linear"] = "attentive"  # downstream heads (the reference's type_head)
+    init: str = ""  # probe/finetune weights: "" the run's own, "random", or a .safetensors/.ckpt path
 
 
 @dataclass
@@ -116,6 +119,30 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream evaluation (maestro/eval): probe, fine-tune, in-loop probe during pretraining.
+
+    Splits default to `data.shards` (train) and its sibling folders `val` and `test`. Steps and
+    learning rates follow the reference's probe and fine-tune recipes (maestro_reference.md §5.2-5.3);
+    validation runs every `val_every` steps (the reference: once per epoch)."""
+
+    train: str = ""
+    val: str = ""
+    test: str = ""
+    monitor: str = ""  # the metric picking the best checkpoint; "" : weighted_f1 or miou by task
+    probe_steps: int = 500
+    probe_base_lr: float = 1e-5
+    probe_final_factor: float = 1e7
+    finetune_steps: int = 1000
+    finetune_base_lr: float = 1e-5
+    finetune_final_factor: float = 2.0
+    val_every: int = 100
+    patience: int = 5  # validations without improvement before fine-tuning stops; 0: never
+    every: int = 0  # in-loop probe every N pretraining steps; 0: off
+    probe_samples: int = 256  # samples of eval.train (fit) and eval.val (score) for the in-loop probe
+
+
+@dataclass
 class Derived:
     """Values computed by `resolve()`; never set by users."""
 
@@ -140,6 +167,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     derived: Derived = field(default_factory=Derived)
 
     def to_dict(self) -> dict[str, Any]:
@@ -370,8 +398,11 @@ def _resolve_modalities(cfg: Config) -> None:
             s.embed,
             "a name shared only by modalities with the same band groups and patch size",
         )
+    names = cfg.data.targets if cfg.data.targets is not None else list(ds.targets)[:1]
+    for name in names:
+        _check(name in ds.targets, "data.targets", names, f"targets among {sorted(ds.targets)}")
     d = cfg.derived
-    d.modalities, d.groups, d.targets = mods, groups, dict(ds.targets)
+    d.modalities, d.groups, d.targets = mods, groups, {n: ds.targets[n] for n in names}
     d.grid_pos_enc = ds.grid_pos_enc
     d.tile_m, d.crop_m = cfg.data.tile_m or ds.tile_m, cfg.data.crop_m or ds.crop_m
     _check(0 < d.crop_m <= d.tile_m, "data.crop_m", d.crop_m, f"a crop side in (0, tile_m={d.tile_m}] metres")
@@ -509,6 +540,23 @@ def resolve(cfg: Config) -> Config:
     _check(r.cpus_per_worker >= 1, "run.cpus_per_worker", r.cpus_per_worker, "an integer >= 1")
     _check(r.max_failures >= 0, "run.max_failures", r.max_failures, "an integer >= 0")
     _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
+    ev = cfg.eval
+    for k in ("probe_steps", "finetune_steps", "val_every", "probe_samples"):
+        _check(getattr(ev, k) > 0, f"eval.{k}", getattr(ev, k), "a positive number")
+    _check(ev.every >= 0, "eval.every", ev.every, "0 (off) or a positive number of steps")
+    _check(ev.patience >= 0, "eval.patience", ev.patience, "0 (never stop early) or a number of validations")
+    _check(
+        ev.every % t.log_every == 0,
+        "eval.every",
+        ev.every,
+        f"a multiple of train.log_every={t.log_every} (the in-loop probe runs at log steps)",
+    )
+    _check(
+        not ev.every or r.workers == 1 or t.zero_stage < 3,
+        "eval.every",
+        ev.every,
+        "0 with ZeRO stage 3 on several workers (rank 0 probes with the whole model)",
+    )
     _resolve_modalities(cfg)
     d = cfg.derived
     d.global_batch = dc.batch_size * t.grad_accum * r.workers

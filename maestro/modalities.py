@@ -121,12 +121,17 @@ def validate_modality(name: str, spec: ModalitySpec, key: str) -> ModalitySpec:
 
 @dataclass
 class TargetSpec:
-    """A downstream label stored beside the inputs (not used by pretraining)."""
+    """A downstream label stored beside the inputs (not used by pretraining).
+
+    Segmentation targets also say their ground resolution and the input modality whose token grid
+    their head predicts from (the reference's `ref_input`)."""
 
     kind: Literal["multilabel", "segmentation", "classification"]
     num_classes: int
     missing: int = -1
     classes: list[str] = field(default_factory=list)
+    reference: str = ""
+    resolution_m: float = 0.0
 
 
 @dataclass
@@ -183,7 +188,7 @@ def _pastis_hd() -> DatasetPreset:
         "s1_asc": _s1(10.0, 16, log=False, fac=20.0, source=[0, 1]),
         "s1_des": _s1(10.0, 16, log=False, fac=20.0, source=[0, 1]),
     }  # fmt: skip
-    targets = {"pastis_seg": TargetSpec("segmentation", 19, 19)}
+    targets = {"pastis_seg": TargetSpec("segmentation", 19, 19, reference="s2", resolution_m=10.0)}
     return DatasetPreset(mods, list(mods), 256, 1280.0, 160.0, "2019-07-01", targets)
 
 
@@ -206,8 +211,8 @@ def _flair_hub() -> DatasetPreset:
         ),
     }  # fmt: skip
     targets = {
-        "cosia": TargetSpec("segmentation", 15, -1),
-        "lpis": TargetSpec("segmentation", 74, -1),
+        "cosia": TargetSpec("segmentation", 15, -1, reference="aerial", resolution_m=0.2),
+        "lpis": TargetSpec("segmentation", 74, -1, reference="aerial", resolution_m=0.2),
     }
     return DatasetPreset(
         mods, ["aerial", "dem", "s2", "s1_asc", "s1_des"], 160, 102.4, 102.4, "aerial", targets
@@ -223,7 +228,9 @@ def _flair2() -> DatasetPreset:
         bands=["ndsm"], resolution_m=0.2, image_size=512, patch_size=32, norm_fac=255.0, dtype="uint8"
     )
     return dataclasses.replace(
-        hub, inputs=["aerial", "dem", "s2"], targets={"cosia": TargetSpec("segmentation", 15, -1)}
+        hub,
+        inputs=["aerial", "dem", "s2"],
+        targets={"cosia": TargetSpec("segmentation", 15, -1, reference="aerial", resolution_m=0.2)},
     )
 
 

@@ -177,3 +177,44 @@ def _small_config_fixture():
 def _make_batch_fixture():
     """`make_batch(cfg, batch=2, seed=0, dates=None)`: a synthetic padded model batch."""
     return make_batch
+
+
+@pytest.fixture(scope="session")
+def treesatai_shards(fixtures_dir, tmp_path_factory) -> Path:
+    """The real TreeSatAI-TS fixture samples converted to shards: OUT/{train,val,test}, 2 samples each."""
+    from shards.convert import convert
+
+    out = tmp_path_factory.mktemp("treesatai_shards")
+    convert("treesatai_ts", fixtures_dir / "treesatai_ts", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def pastis_shards(fixtures_dir, tmp_path_factory) -> Path:
+    """The PASTIS-R fixture arrays (with date dictionaries in their metadata) converted to shards:
+    OUT/fold1..fold5, one sample each, 32×32 px tiles."""
+    import datetime as dt
+    import json
+
+    import numpy as np
+
+    from shards.convert import convert
+
+    src = fixtures_dir / "pastis" / "PASTIS-R"
+    root = tmp_path_factory.mktemp("pastis_source")
+    for d in ("DATA_S2", "DATA_S1A", "DATA_S1D", "ANNOTATIONS", "INSTANCE_ANNOTATIONS"):
+        (root / d).symlink_to(src / d)
+    features = []
+    for f in json.loads((src / "metadata.geojson").read_text())["features"]:
+        i = f["properties"]["ID_PATCH"]
+        for key, prefix in (("dates-S2", "S2"), ("dates-S1A", "S1A"), ("dates-S1D", "S1D")):
+            t = np.load(src / f"DATA_{prefix}" / f"{prefix}_{i}.npy").shape[0]
+            start = dt.date(2018, 9, 24)
+            f["properties"][key] = {
+                str(k): int((start + dt.timedelta(days=5 * k)).strftime("%Y%m%d")) for k in range(t)
+            }
+        features.append(f)
+    (root / "metadata.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    out = tmp_path_factory.mktemp("pastis_shards")
+    convert("pastis", root, str(out))
+    return out

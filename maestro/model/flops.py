@@ -39,7 +39,9 @@ def parameter_counts(cfg: Config) -> dict[str, int]:
         model = build_model(cfg)
     counts = dict.fromkeys(PARTS, 0)
     for name, p in model.named_parameters():
-        counts[name.split(".", 1)[0]] += p.numel()
+        part = name.split(".", 1)[0]
+        if part in counts:  # the downstream heads are not part of the pretraining model's count
+            counts[part] += p.numel()
     return {"total": sum(counts.values()), **counts}
 
 

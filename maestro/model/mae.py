@@ -31,12 +31,13 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from maestro.modalities import ModalitySpec
+from maestro.modalities import ModalitySpec, TargetSpec
 from maestro.model import targets
 from maestro.model.attention import Packing, check_backend
 from maestro.model.blocks import Transformer
 from maestro.model.encodings import date_encoding, position_encoding, sincos_table
 from maestro.model.fusion import PER_IMAGE, sequence_keys
+from maestro.model.heads import build_heads
 from maestro.model.masking import MaskRule, Structure, select_packed
 from maestro.model.ops import kernel_ops
 from maestro.model.output import Geometry, ModelOutput
@@ -55,8 +56,9 @@ LAYOUTS = 32  # packed layouts kept per model (see `MAESTRO.layout`)
 
 class MAESTRO(nn.Module):
     """The model for modalities `specs` (name -> spec, in input order) and fusion groups `groups`
-    (name -> modalities) at `size`. `config` is kept for reference only (`build_model` passes the
-    resolved config it translated)."""
+    (name -> modalities) at `size`, with one downstream head per target of `downstream` (`head`
+    kind; segmentation heads at `crop_m`). `config` is kept for reference only (`build_model`
+    passes the resolved config it translated)."""
 
     def __init__(
         self,
@@ -74,6 +76,9 @@ class MAESTRO(nn.Module):
         mask: MaskRule | None = None,
         loss_kind: str = "l1",
         target_norm: str = "patch_group",
+        downstream: dict[str, TargetSpec] | None = None,
+        head: str = "attentive",
+        crop_m: float = 0.0,
         config: Config | None = None,
     ):
         super().__init__()
@@ -139,6 +144,7 @@ class MAESTRO(nn.Module):
         self.masking = SequenceMasks(self.specs, self.members, self.per_image, mask or MaskRule())
         self.geometry = {m: Geometry(tuple(s.groups), s.grid, s.patch_size) for m, s in self.specs.items()}
         self._layouts: dict[tuple, PackedLayout] = {}
+        self.heads = build_heads(downstream or {}, self.specs, size.dim, head, crop_m)
 
     def pos_enc(self, m: str, decoder: bool = False) -> Tensor:
         return getattr(self, f"pos_{'dec' if decoder else 'enc'}_{m}")
@@ -244,6 +250,15 @@ class MAESTRO(nn.Module):
         seqs = lay.to_packed(self.embed(packed, xs), self.members)
         enc = lay.per_sample(self.encode_rows(seqs, lay.packing), self.members)
         return enc if pad is None else {m: pad.tokens_back(m, v) for m, v in enc.items()}
+
+    def predict(self, batch: Batch, frozen: bool = False) -> dict[str, Tensor]:
+        """Downstream logits of every head, {TARGET: (B, K) or (B, K, H, W)}, from all tokens
+        (`maestro.model.heads`). `frozen`: the encoder runs without gradients (probing)."""
+        if is_packed(batch):
+            raise ValueError("downstream heads take padded batches; set data.token_budget=0")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            tokens = self.encode(batch)
+        return {name: head(tokens) for name, head in self.heads.items()}
 
     # --- decoder and loss -------------------------------------------------------------------------
 
@@ -367,5 +382,8 @@ def build_model(cfg: Config) -> MAESTRO:
         mask=mask_rule(cfg),
         loss_kind=cfg.loss.kind,
         target_norm=cfg.loss.target_norm,
+        downstream=dict(cfg.derived.targets),
+        head=m.head,
+        crop_m=cfg.derived.crop_m,
         config=cfg,
     )

@@ -1,8 +1,8 @@
 """Loading the reference implementation's weights (IGNF/MAESTRO state dicts, §1.11).
 
 Our module names follow the reference's, so loading is a strict name mapping: the Lightning
-`model.` prefix is stripped when present, the EMA mirror (`ema_model.`) and the probe heads
-(`heads.`, not built here) are set aside and reported, checkpoints from before the `sen1` → `s1`
+`model.` prefix is stripped when present, the EMA mirror (`ema_model.`) is set aside and reported,
+the downstream heads (`heads.TARGET.*`) load strictly like the rest, checkpoints from before the `sen1` → `s1`
 rename are mapped, and anything else missing, unexpected or of the wrong shape is an error that
 lists the keys — never a silent partial load.
 """
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from maestro.errors import CheckpointError
 
-IGNORED_PREFIXES = ("ema_model.", "heads.")
+IGNORED_PREFIXES = ("ema_model.",)
 RENAMES = {".sen1.": ".s1."}  # reference commit 66018a1 (2025-12-22) renamed the S1 group
 
 
@@ -26,7 +26,7 @@ def _show(keys: list[str], limit: int = 12) -> str:
 
 
 def load_reference_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
-    """Copy a reference MAESTRO state dict into `model`; returns the keys ignored (EMA, heads).
+    """Copy a reference MAESTRO state dict into `model`; returns the keys ignored (the EMA mirror).
 
     Raises CheckpointError naming the missing, unexpected and mis-shaped keys."""
     ours = model.state_dict()
@@ -57,7 +57,8 @@ def load_reference_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]
         raise CheckpointError(
             "reference state dict does not match the model built from this config; "
             + "; ".join(parts)
-            + ". Check data.dataset, data.inputs, model.size, model.fusion and model.inter_depth."
+            + ". Check data.dataset, data.inputs, data.targets, model.size, model.fusion, model.inter_depth "
+            "and model.head."
         )
     with torch.no_grad():
         model.load_state_dict(mapped, strict=True)

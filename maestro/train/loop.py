@@ -34,6 +34,9 @@ from maestro.parallel import dist
 from maestro.parallel.deepspeed import build_engine, local_shards
 from maestro.train import checkpoint, metrics, optim, resume
 
+# The in-loop probe: (cfg, model, device, dtype) -> {TensorBoard tag: value}.
+Probe = Callable[[Config, Any, torch.device, torch.dtype], dict[str, float]]
+
 STOP_FILE = "STOP"
 SUMMARY_FILE = "summary.json"
 
@@ -147,12 +150,18 @@ def skip_reasons(loader: Any) -> dict[str, int]:
 class Trainer:
     """One rank's training state: engine, EMA, shard stream, checkpoints, and (rank 0) TensorBoard."""
 
-    def __init__(self, cfg: Config, place: dist.Dist, on_step: Callable[[int, Any], None] | None):
+    def __init__(
+        self,
+        cfg: Config,
+        place: dist.Dist,
+        on_step: Callable[[int, Any], None] | None,
+        probe: Probe | None = None,
+    ):
         from maestro.data import build_loader
         from maestro.info import tokens
         from maestro.model import build_model
 
-        self.place, self.on_step = place, on_step
+        self.place, self.on_step, self.probe = place, on_step, probe
         self.url = run_url(cfg)
         self.store = checkpoint.CheckpointStore(self.url, cfg.train.keep_checkpoints)
         # Decided before anything of the run is written: a refused resume leaves the run as it was.
@@ -279,6 +288,11 @@ class Trainer:
         )
         if self.peak:
             values["perf/mfu"] = tps * self.flops_per_token / self.peak
+        if self.probe is not None and self.cfg.eval.every and step % self.cfg.eval.every == 0:
+            # rank 0's in-loop probe (`maestro.eval.inloop.probe_scores`, passed in by the launcher)
+            values.update(
+                self.probe(self.cfg, self.engine.module.model, self.place.device, self.stepper.dtype)
+            )
         assert self.board is not None
         self.board.scalars(step, values)
         console(metrics.progress_line(step, self.cfg.train.steps, losses["loss"], sps, seconds / steps))
@@ -367,15 +381,19 @@ class Trainer:
             self.board.close()
 
 
-def train(cfg: Config, on_step: Callable[[int, Any], None] | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config, on_step: Callable[[int, Any], None] | None = None, probe: Probe | None = None
+) -> dict[str, Any]:
     """Train (or resume) the run of `cfg` on this process's rank; returns a summary on every rank.
 
     Rank 0 also writes the summary to `RUN/summary.json` (how the Ray driver learns the outcome).
-    `on_step(step, engine)` runs after each optimizer step (fault injection in tests).
+    `on_step(step, engine)` runs after each optimizer step (fault injection in tests);
+    `probe(cfg, model, device, dtype) -> {name: value}` runs on rank 0 every `eval.every` steps
+    (the in-loop downstream probe; the training layer does not import the evaluation one).
     """
     place = dist.init(config.uses_gpu(cfg))
     try:
-        trainer = Trainer(cfg, place, on_step)
+        trainer = Trainer(cfg, place, on_step, probe)
         try:
             with StopSignal() as stop:
                 summary = trainer.run(stop)
