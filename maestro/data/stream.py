@@ -19,7 +19,7 @@ import numpy as np
 from maestro.data.arena import Arena
 from maestro.data.collate import collate_packed, collate_padded, item_tokens
 from maestro.data.plan import EpochOrder, Plan
-from maestro.data.prepare import Recipe, select
+from maestro.data.prepare import Recipe, needed, select
 from maestro.data.tar_stream import read_samples
 from maestro.errors import DataError
 from maestro.modalities import ModalitySpec
@@ -119,7 +119,8 @@ class ReaderStream:
                 if not isinstance(got, _Failed):
                     rng = np.random.default_rng([plan.seed, epoch, plan.rank, self.worker, shard_i, index])
                     try:
-                        got = select(decode(shard.keys[index], got, f"{shard.url} "), self.recipe, rng, where)
+                        sample = decode(shard.keys[index], needed(got, self.recipe, where), f"{shard.url} ")
+                        got = select(sample, self.recipe, rng, where)
                     except Exception as e:  # anything a bad sample can raise; strict re-raises
                         got = self._fail(where, e)
                 if isinstance(got, _Failed):
@@ -168,6 +169,6 @@ class ReaderStream:
                         break
                     taken.append(item)
                     used, pos, skipped = used + n, after, skipped_before
-                batch = collate_packed(taken, specs, b.groups, targets, b.token_budget, self.arena)
+                batch = collate_packed(taken, specs, targets, b.token_budget, self.arena)
             batch.update(_worker=self.worker, _pos=pos, _epoch=pos[0], _worker_skipped=skipped)
             yield batch
