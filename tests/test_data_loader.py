@@ -20,6 +20,7 @@ import torch
 from maestro import config, storage
 from maestro.data import build_loader
 from maestro.data.arena import MAX_SLOTS, Arena, unpack
+from maestro.data.bench import simulated_pinning
 from maestro.data.collate import collate_packed, collate_padded
 from maestro.data.prepare import Recipe, prepare, select
 from maestro.data.tar_stream import read_samples
@@ -353,3 +354,53 @@ def test_arena_reuses_a_slot_only_after_its_batch_is_gone():
     c = batch(7)
     assert slot_of(c) == 0
     assert (b["x"] == 1).all() and (c["x"] == 7).all()
+
+
+def test_pinned_batches_are_one_copy_each_and_their_slots_come_back(archive):
+    """Through torch's own pin-memory thread (an accelerator simulated, pinning a copy): each batch
+    is pinned as one buffer, its tensors are views of that copy, and the worker's arena slots are
+    released, so no batch needs a buffer of its own; the values are the unpinned stream's."""
+    cfg = _cfg(archive, workers=2)
+    plain = _take(build_loader(cfg), 4 * MAX_SLOTS)
+    with simulated_pinning() as copies:
+        loader = build_loader(cfg)
+        assert loader.pin
+        it = iter(loader)
+        pinned = [next(it) for _ in range(4 * MAX_SLOTS)]
+        made = copies[0]
+        it.close()
+    assert made >= len(pinned)  # the pin thread may have pinned a few prefetched batches more
+    assert made <= len(pinned) + 2 * 2  # prefetch_factor × workers: one copy per batch, never per tensor
+    for b in pinned:
+        storages = {v.untyped_storage().data_ptr() for v in b.values() if isinstance(v, torch.Tensor)}
+        assert len(storages) == 1
+    assert loader.own_buffers == 0  # every batch found a released slot
+    _assert_batches_equal(pinned, plain)
+
+
+def _flair_hub(root: Path) -> tuple[str, dict]:
+    """A tiny FLAIR-HUB split (segmentation targets `cosia`, `lpis`) and the matching modality sizes."""
+    write_synthetic(str(root), "flair_hub", 8, seed=0, sizes={"aerial": 64, "dem": 64}, max_dates=6,
+                    shard_samples=4)  # fmt: skip
+    side = {"image_size": 64, "resolution_m": 1.6, "patch_size": 16}
+    return storage.join(str(root), "train"), {"aerial": side, "dem": side}
+
+
+def test_pretraining_batches_carry_no_targets_and_never_decode_them(tmp_path):
+    url, mods = _flair_hub(tmp_path)
+    shard = sorted(p.name for p in Path(url).glob("*.tar"))[0]
+    with tarfile.open(Path(url) / shard) as tar:
+        key = tar.getnames()[0].split(".")[0]
+    _tamper_member(url, shard, key, "cosia.npy", b"not an array")  # a target no pretraining reads
+    cfg = _cfg(url, dataset="flair_hub", modalities=mods, batch_size=2, workers=0, strict=True)
+    batches = _take(build_loader(cfg), 4)
+    keys = [k for b in batches for k in b["_keys"]]
+    assert len(set(keys)) == 8 and key in keys  # the sample with the damaged target trains
+    for b in batches:
+        assert not {"cosia", "lpis"} & set(b) and "spot" not in b  # no targets, no unused sensor
+    with pytest.raises(DataError, match="cosia"):  # an evaluation reads them: the damage shows
+        _take(build_loader(cfg, targets=True), 4)
+    clean, _ = _flair_hub(tmp_path / "clean")
+    (b,) = _take(build_loader(_cfg(clean, dataset="flair_hub", modalities=mods, batch_size=2, workers=0),
+                              targets=True), 1)  # fmt: skip
+    assert b["cosia"].shape == b["lpis"].shape == (2, 64, 64)

@@ -14,15 +14,18 @@ figure holds on a busy machine where wall-clock rates swing with other jobs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import os
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 H5_SERIES = {"s2": "sen-2", "s1_asc": "sen-1-asc", "s1_des": "sen-1-des"}
 
@@ -38,6 +41,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", choices=("loader", "source"), help="run one side alone (source: needs --source)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run)
+
+
+@contextlib.contextmanager
+def simulated_pinning() -> Iterator[list[int]]:
+    """Run the loader's pinned-memory path on a machine without an accelerator: torch's DataLoader
+    sees one (and starts its pin-memory thread), and "pinning" a tensor or storage is a plain copy.
+    Yields a list whose one element counts the pinned copies made (each buffer pinned is one)."""
+    copies = [0]
+
+    def pin(self: Any, device: Any = None) -> Any:
+        copies[0] += 1
+        return self.clone()
+
+    patches = [
+        (torch.accelerator, "is_available", lambda: True),
+        (torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cpu")),
+        (torch.accelerator, "current_device_index", lambda: 0),
+        (torch.accelerator, "set_device_index", lambda index: None),
+        (torch.cuda, "is_available", lambda: True),
+        (torch.Tensor, "pin_memory", pin),
+        (torch.UntypedStorage, "pin_memory", pin),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield copies
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def _children_cpu_s() -> float:
