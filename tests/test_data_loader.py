@@ -22,6 +22,7 @@ from maestro.data import build_loader
 from maestro.data.arena import MAX_SLOTS, Arena, unpack
 from maestro.data.bench import simulated_pinning
 from maestro.data.collate import collate_packed, collate_padded
+from maestro.data.loader import _ShardOrder
 from maestro.data.prepare import Recipe, prepare, select
 from maestro.data.tar_stream import read_samples
 from maestro.errors import DataError
@@ -404,3 +405,15 @@ def test_pretraining_batches_carry_no_targets_and_never_decode_them(tmp_path):
     (b,) = _take(build_loader(_cfg(clean, dataset="flair_hub", modalities=mods, batch_size=2, workers=0),
                               targets=True), 1)  # fmt: skip
     assert b["cosia"].shape == b["lpis"].shape == (2, 64, 64)
+
+
+def test_read_ahead_foresees_each_shard_a_reader_opens_next_across_epochs(archive):
+    """The read-ahead of an S3 worker names, after each shard it opens, the one it opens next."""
+    loader = build_loader(_cfg(archive))
+    plan = loader.plan
+    seq = [plan.shards[u.shard].url for e in range(3) for u in plan.epoch_order(e, 1).units]
+    order = _ShardOrder(plan, 1, 0)
+    assert [order(url) for url in seq[:-1]] == seq[1:]
+    late = _ShardOrder(plan, 1, 1)  # resumed in epoch 1 past its first shard: it finds its place
+    n = len(plan.epoch_order(0, 1).units)
+    assert late(seq[n + 1]) == seq[n + 2]
