@@ -283,7 +283,9 @@ class ReadAhead:
             thread.join()
             if isinstance(box[0], bytes):
                 data = box[0]
-            else:
+            elif isinstance(box[0], MaestroError):
+                raise box[0]  # the retry budget is spent already: not once more
+            else:  # opened again here, to fail (or not) where the reader can tell
                 log.warning("%s: read ahead failed (%s); opening it again", url, box[0])
         nxt = self.upcoming(url)
         if nxt is not None and (self._ahead is None or self._ahead[0] != nxt):

@@ -19,7 +19,7 @@ import torch
 
 from maestro import config, storage
 from maestro.data import build_loader
-from maestro.data.arena import MAX_SLOTS, Arena, unpack
+from maestro.data.arena import ALIGN, MAX_SLOTS, Arena, unpack
 from maestro.data.bench import simulated_pinning
 from maestro.data.collate import collate_packed, collate_padded
 from maestro.data.loader import _ShardOrder
@@ -183,6 +183,7 @@ def test_padded_all_dates_flags_padding(tmp_path):
     cfg = _cfg(_archive(tmp_path, samples=8, max_dates=None), modalities=ALL_DATES, workers=0)
     (b,) = _take(build_loader(cfg), 1)
     n = b["s2_ndates"]
+    assert n.dtype == torch.int64 and n.shape == (4,)
     assert int(n.min()) < int(n.max()) == b["s2"].shape[1]
     for i in range(len(n)):
         assert not b["s2_valid"][i, int(n[i]) :].any() and (b["s2"][i, int(n[i]) :] == 0).all()
@@ -372,9 +373,13 @@ def test_pinned_batches_are_one_copy_each_and_their_slots_come_back(archive):
         it.close()
     assert made >= len(pinned)  # the pin thread may have pinned a few prefetched batches more
     assert made <= len(pinned) + 2 * 2  # prefetch_factor × workers: one copy per batch, never per tensor
-    for b in pinned:
-        storages = {v.untyped_storage().data_ptr() for v in b.values() if isinstance(v, torch.Tensor)}
-        assert len(storages) == 1
+    for b in pinned:  # views of the one pinned copy
+        assert len({v.untyped_storage().data_ptr() for v in b.values() if isinstance(v, torch.Tensor)}) == 1
+    for b in pinned + plain:  # pinned or not, the arrays lie side by side in one buffer
+        tensors = [v for v in b.values() if isinstance(v, torch.Tensor)]
+        start = min(t.data_ptr() for t in tensors)
+        extent = max(t.data_ptr() + t.nbytes for t in tensors) - start
+        assert extent <= sum(t.nbytes for t in tensors) + ALIGN * len(tensors)
     assert loader.own_buffers == 0  # every batch found a released slot
     _assert_batches_equal(pinned, plain)
 
