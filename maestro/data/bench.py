@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also stream the split from a local moto S3 server behind a proxy adding this "
         "latency per request, and report S3 against local disk",
     )
+    p.add_argument(
+        "--no-read-ahead", action="store_true", help="S3: no shard read ahead (data.read_ahead=false)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run)
 
@@ -255,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
     from shards import manifest as manifest_io
 
     dataset = manifest_io.read(args.url)["dataset"]
-    data = {"dataset": dataset, "shards": args.url, "workers": args.workers, "batch_size": args.batch_size}
+    data = {"dataset": dataset, "shards": args.url, "workers": args.workers, "batch_size": args.batch_size,
+            "read_ahead": not args.no_read_ahead}  # fmt: skip
     cfg = config.from_dict({"data": data})
     if args.only == "source" and not args.source:
         raise ConfigError("--only", "source", "--source DIR as well: the archive to read the reference's way")
