@@ -38,6 +38,7 @@ from maestro.errors import MaestroError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ENV = "MAESTRO_STORAGE"  # JSON of the `Settings` fields that differ from the defaults
+_FS_CACHE: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +72,6 @@ def configure(**values: Any) -> Settings:
     os.environ[ENV] = json.dumps(changed, sort_keys=True)
     _FS_CACHE.clear()  # filesystems made with the old timeouts
     return new
-
-
-_FS_CACHE: dict[tuple[int, str], fsspec.AbstractFileSystem] = {}
 
 
 def is_s3(url: str) -> bool:
