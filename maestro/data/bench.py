@@ -9,7 +9,8 @@ the same date policy, scaling and collate, and reports the loader's speed-up per
 `--only loader` or `--only source` runs one side alone, so that each can be timed as a whole process.
 `--simulate-pin` runs the pinned-memory path of a GPU run on CPU (torch's pin-memory thread, with
 pinning a plain copy). `--s3-latency-ms MS` also streams the split from a local moto S3 server
-behind a proxy adding MS per request and reports S3 against local disk (needs `moto[server]`).
+behind a proxy adding MS per request and reports S3 against local disk in samples/s (needs
+`moto[server]`; the server and proxy run in this process, so the S3 side's CPU-seconds include theirs).
 
 Per core means per CPU-second consumed (this process and its data-loader workers), so the
 figure holds on a busy machine where wall-clock rates swing with other jobs.
