@@ -58,6 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-read-ahead", action="store_true", help="S3: no shard read ahead (data.read_ahead=false)"
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="with --s3-latency-ms: best of N alternating runs of each side (for busy machines)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run)
 
@@ -270,16 +276,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--only", "source", "--source DIR as well: the archive to read the reference's way")
     report: dict[str, Any] = {"url": args.url, "workers": args.workers, "batch_size": args.batch_size,
                               "host_cpus": os.cpu_count()}  # fmt: skip
-    pinning = simulated_pinning() if args.simulate_pin else contextlib.nullcontext()
+    pinning = simulated_pinning if args.simulate_pin else contextlib.nullcontext
     report["pinning"] = (
         "simulated" if args.simulate_pin else ("cuda" if torch.cuda.is_available() else "none")
     )
     if args.only != "source":
-        with pinning:
+        with pinning():
             report["loader"] = bench_loader(cfg, args.batches)
     if args.s3_latency_ms is not None and args.only != "source":
         s3 = None
-        with distant_copy(args.url, args.s3_latency_ms) as s3_url, pinning:
+        with distant_copy(args.url, args.s3_latency_ms) as s3_url, pinning():
             s3_cfg = config.from_dict({"data": {**data, "shards": s3_url}})
             for i in range(args.repeat):  # alternating, so both sides see the same machine load
                 if i:
