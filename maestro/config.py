@@ -38,7 +38,7 @@ class DataConfig:
     token_budget: int = 0  # >0: packed batches of at most this many tokens (for dates=all)
     seed: int = 0
     strict: bool = False  # re-raise data errors instead of skipping and counting them
-    read_ahead: bool = True  # S3: each loader worker reads its next shard whole in the background
+    read_ahead: bool = False  # S3: each loader worker reads its next shard whole in the background
 
 
 @dataclass

@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "latency per request, and report S3 against local disk",
     )
     p.add_argument(
-        "--no-read-ahead", action="store_true", help="S3: no shard read ahead (data.read_ahead=false)"
+        "--read-ahead", action="store_true", help="S3: read each worker's next shard ahead (data.read_ahead)"
     )
     p.add_argument(
         "--repeat",
@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
 
     dataset = manifest_io.read(args.url)["dataset"]
     data = {"dataset": dataset, "shards": args.url, "workers": args.workers, "batch_size": args.batch_size,
-            "read_ahead": not args.no_read_ahead}  # fmt: skip
+            "read_ahead": args.read_ahead}  # fmt: skip
     cfg = config.from_dict({"data": data})
     if args.only == "source" and not args.source:
         raise ConfigError("--only", "source", "--source DIR as well: the archive to read the reference's way")

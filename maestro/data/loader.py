@@ -14,8 +14,8 @@ the epoch is still seen exactly once, though not in the order of either layout.
 
 Only what the job uses is read: pretraining decodes and ships model inputs only, an evaluation
 (`targets=True`) adds its targets. Batches travel from the workers as one buffer each
-(`arena.py`), pinned with one copy when a GPU is present. On S3 each worker reads its next shard
-ahead in a background thread (`data.read_ahead`, `storage.ReadAhead`).
+(`arena.py`), pinned with one copy when a GPU is present. With `data.read_ahead` on S3 each worker
+reads its next shard ahead in a background thread (`storage.ReadAhead`).
 
 The stream never ends: the training loop counts steps, so ranks with unequal shares of an epoch
 never wait on each other. `batch["_skipped"]` (an int, summed over this rank's workers) and
