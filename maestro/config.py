@@ -47,6 +47,18 @@ class DataConfig:
     tile_m: float = 0.0
     crop_m: float = 0.0
     ref_date: str = ""
+    read_ahead: bool = False  # S3: each loader worker reads its next shard whole in the background
+
+
+@dataclass
+class StorageConfig:
+    """S3 behaviour of every storage call (`maestro/storage.py`): loader, shards, checkpoints."""
+
+    retry_budget_s: float = 300.0  # the longest continuous S3 outage a call rides out, then an error
+    connect_timeout_s: float = 10.0  # per S3 request
+    read_timeout_s: float = 60.0  # per S3 request: silence this long is a hanging endpoint
+    block_size: int = 16 * 2**20  # s3fs read block: one request per block of a sequential read
+    cache_type: str = "readahead"  # s3fs cache: fetch ahead of sequential reads ("none" for random access)
 
 
 @dataclass
@@ -161,6 +173,7 @@ class Derived:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -533,6 +546,15 @@ def resolve(cfg: Config) -> Config:
     )
     if r.workers == "auto":
         r.workers = _auto_workers(cfg)
+    st = cfg.storage
+    _check(
+        st.retry_budget_s >= 0, "storage.retry_budget_s", st.retry_budget_s, "seconds >= 0 (0: no retries)"
+    )
+    for k in ("connect_timeout_s", "read_timeout_s"):
+        _check(getattr(st, k) > 0, f"storage.{k}", getattr(st, k), "a positive number of seconds")
+    _check(st.block_size >= 5 * 2**20, "storage.block_size", st.block_size, "at least 5 MiB (S3's part size)")
+    caches = ("none", "readahead", "bytes", "first", "blockcache", "background", "mmap", "all", "adaptive")
+    _check(st.cache_type in caches, "storage.cache_type", st.cache_type, f"one of {caches}")
     _check(r.workers >= 1, "run.workers", r.workers, "an integer >= 1")
     _check(
         r.resource_wait_s >= 0, "run.resource_wait_s", r.resource_wait_s, "a non-negative number of seconds"

@@ -24,4 +24,6 @@ def start(num_cpus: int, num_gpus: int = 0, **options: Any) -> None:
 
     os.environ[LOCAL_ONLY_ENV] = "0"  # read when Ray is imported, here and in its child processes
     ray_constants.ENABLE_RAY_CLUSTER = False  # and where Ray was imported before
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **options)
+    # address="local": always a new instance, never a cluster found on the machine (a `ray start`
+    # or `ray.cluster_utils.Cluster` head records itself in /tmp/ray and `ray.init()` would join it).
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **options)

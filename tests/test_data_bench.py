@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 from maestro.cli import main
+from shards.synth import write_synthetic
 from shards.synth_source import write_treesatai_source
 
 
@@ -33,3 +35,18 @@ def test_bench_data_runs_one_side_alone(tmp_path, capsys):
         assert main([*args, "--source", str(src), "--only", side, "--json"]) == 0
         report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert report[side]["samples"] == 4 and other not in report and "speedup" not in report
+
+
+def test_bench_data_pinned_path_and_s3_latency_side_by_side(tmp_path, capsys, monkeypatch):
+    """`--simulate-pin` runs the GPU run's pinned path on CPU; `--s3-latency-ms` streams the same split
+    from a moto S3 server behind a latency proxy and reports it against local disk."""
+    for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k, raising=False)
+    write_synthetic(str(tmp_path), "treesatai_ts", 8, seed=0, max_dates=6, shard_samples=4)
+    args = ["bench", "data", str(tmp_path / "train"), "--workers", "2", "--batches", "2", "--batch-size", "2"]
+    assert main([*args, "--simulate-pin", "--s3-latency-ms", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["pinning"] == "simulated"
+    assert report["loader"]["samples"] == report["s3"]["samples"] == 4 and report["s3"]["latency_ms"] == 5
+    assert report["s3_vs_local"] > 0
+    assert "AWS_ENDPOINT_URL" not in os.environ  # the local endpoint is gone with the bench

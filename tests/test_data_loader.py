@@ -19,8 +19,10 @@ import torch
 
 from maestro import config, storage
 from maestro.data import build_loader
-from maestro.data.arena import MAX_SLOTS, Arena
+from maestro.data.arena import ALIGN, MAX_SLOTS, Arena, unpack
+from maestro.data.bench import simulated_pinning
 from maestro.data.collate import collate_packed, collate_padded
+from maestro.data.loader import _ShardOrder
 from maestro.data.prepare import Recipe, prepare, select
 from maestro.errors import DataError
 from shards.index import build_index, read_index, write_index
@@ -175,7 +177,7 @@ def test_packed_batches_hold_no_padding_beyond_the_last_sample(archive):
         assert torch.equal(cu.diff(), tokens.to(cu.dtype))
         assert int(cu[-1]) + int(nxt["cu_seqlens"][1]) > budget  # the next sample did not fit
         assert b["_padding_fraction"] == pytest.approx((budget - int(cu[-1])) / budget)
-        assert sum(int(b[f"cu_seqlens_{g}"][-1]) for g in cfg.derived.groups) == int(cu[-1])
+        assert not [k for k in b if k.startswith("cu_seqlens_")]  # per-group counts: the model derives them
 
 
 def test_padded_all_dates_flags_padding(tmp_path):
@@ -183,6 +185,7 @@ def test_padded_all_dates_flags_padding(tmp_path):
     cfg = _cfg(_archive(tmp_path, samples=8, max_dates=None), modalities=ALL_DATES, workers=0)
     (b,) = _take(build_loader(cfg), 1)
     n = b["s2_ndates"]
+    assert n.dtype == torch.int64 and n.shape == (4,)
     assert int(n.min()) < int(n.max()) == b["s2"].shape[1]
     for i in range(len(n)):
         assert not b["s2_valid"][i, int(n[i]) :].any() and (b["s2"][i, int(n[i]) :] == 0).all()
@@ -297,10 +300,10 @@ def test_batch_scaling_equals_scaling_each_sample_on_its_own(archive, train, mod
     ref = [it for i, s in enumerate(samples) for it in prepare(s, recipe, np.random.default_rng(i), s.key)]
     if modalities is ALL_DATES:  # every date kept: the synthetic NaNs are holes zeroed after scaling
         assert any(it[f"{m}_hole"] is not None for it in raw for m in recipe.specs)
-    targets, groups = list(recipe.targets), dict(cfg.derived.groups)
+    targets = list(recipe.targets)
     for collate in (
         lambda items: collate_padded(items, recipe.specs, targets),
-        lambda items: collate_packed(items, recipe.specs, groups, targets, 10**6),
+        lambda items: collate_packed(items, recipe.specs, targets, 10**6),
     ):
         a, b = collate(raw), collate(ref)
         assert a.keys() == b.keys()
@@ -335,19 +338,89 @@ def test_arena_reuses_a_slot_only_after_its_batch_is_gone():
     arena = Arena(shared=False, max_slots=2)
     layout = {"x": ((3, 5), np.float32), "v": ((3,), bool)}
 
-    def slot_of(buffers) -> int | None:
-        p = buffers["x"][1].ctypes.data
+    def batch(fill: float) -> dict[str, torch.Tensor]:
+        """One batch through the arena as the loader moves it: buffers, filled, packed, unpacked."""
+        buffers = arena.buffers(layout)
+        buffers["x"][1][...] = fill
+        return unpack(arena.pack({name: t for name, (t, _) in buffers.items()}))
+
+    def slot_of(b) -> int | None:
+        p = b["x"].data_ptr()
         return next((i for i, s in enumerate(arena.slots) if 0 <= p - s.ctypes.data < len(s)), None)
 
-    a, b = arena.buffers(layout), arena.buffers(layout)
+    a, b = batch(0), batch(1)
     assert (slot_of(a), slot_of(b)) == (0, 1)
-    b["x"][1][...] = 1
-    assert slot_of(arena.buffers(layout)) is None  # both busy: buffers of its own (dropped at once)
-    x = a["x"][0][1:]  # a view of one tensor keeps the whole batch's slot busy
+    assert slot_of(batch(2)) is None  # both busy: a buffer of its own (dropped at once)
+    x = a["x"][1:]  # a view of one tensor keeps the whole batch's slot busy
     del a
-    assert slot_of(arena.buffers(layout)) is None
+    assert slot_of(batch(3)) is None
     del x
-    c = arena.buffers(layout)
+    c = batch(7)
     assert slot_of(c) == 0
-    c["x"][1][...] = 7
-    assert (b["x"][1] == 1).all()
+    assert (b["x"] == 1).all() and (c["x"] == 7).all()
+
+
+def test_pinned_batches_are_one_copy_each_and_their_slots_come_back(archive):
+    """Through torch's own pin-memory thread (an accelerator simulated, pinning a copy): each batch
+    is pinned as one buffer, its tensors are views of that copy, and the worker's arena slots are
+    released, so no batch needs a buffer of its own; the values are the unpinned stream's."""
+    cfg = _cfg(archive, workers=2)
+    plain = _take(build_loader(cfg), 4 * MAX_SLOTS)
+    with simulated_pinning() as copies:
+        loader = build_loader(cfg)
+        assert loader.pin
+        it = iter(loader)
+        pinned = [next(it) for _ in range(4 * MAX_SLOTS)]
+        made = copies[0]
+        it.close()
+    assert made >= len(pinned)  # the pin thread may have pinned a few prefetched batches more
+    assert made <= len(pinned) + 2 * 2  # prefetch_factor × workers: one copy per batch, never per tensor
+    for b in pinned:  # views of the one pinned copy
+        assert len({v.untyped_storage().data_ptr() for v in b.values() if isinstance(v, torch.Tensor)}) == 1
+    for b in pinned + plain:  # pinned or not, the arrays lie side by side in one buffer
+        tensors = [v for v in b.values() if isinstance(v, torch.Tensor)]
+        start = min(t.data_ptr() for t in tensors)
+        extent = max(t.data_ptr() + t.nbytes for t in tensors) - start
+        assert extent <= sum(t.nbytes for t in tensors) + ALIGN * len(tensors)
+    assert loader.own_buffers == 0  # every batch found a released slot
+    _assert_batches_equal(pinned, plain)
+
+
+def _flair_hub(root: Path) -> tuple[str, dict]:
+    """A tiny FLAIR-HUB split (segmentation targets `cosia`, `lpis`) and the matching modality sizes."""
+    write_synthetic(str(root), "flair_hub", 8, seed=0, sizes={"aerial": 64, "dem": 64}, max_dates=6,
+                    shard_samples=4)  # fmt: skip
+    side = {"image_size": 64, "resolution_m": 1.6, "patch_size": 16}
+    return storage.join(str(root), "train"), {"aerial": side, "dem": side}
+
+
+def test_pretraining_batches_carry_no_targets_and_never_decode_them(tmp_path):
+    url, mods = _flair_hub(tmp_path)
+    shard = sorted(p.name for p in Path(url).glob("*.tar"))[0]
+    with tarfile.open(Path(url) / shard) as tar:
+        key = tar.getnames()[0].split(".")[0]
+    _tamper_member(url, shard, key, "cosia.npy", b"not an array")  # a target no pretraining reads
+    cfg = _cfg(url, dataset="flair_hub", modalities=mods, batch_size=2, workers=0, strict=True)
+    batches = _take(build_loader(cfg), 4)
+    keys = [k for b in batches for k in b["_keys"]]
+    assert len(set(keys)) == 8 and key in keys  # the sample with the damaged target trains
+    for b in batches:
+        assert not {"cosia", "lpis"} & set(b) and "spot" not in b  # no targets, no unused sensor
+    with pytest.raises(DataError, match="cosia"):  # an evaluation reads them: the damage shows
+        _take(build_loader(cfg, targets=True), 4)
+    clean, _ = _flair_hub(tmp_path / "clean")
+    (b,) = _take(build_loader(_cfg(clean, dataset="flair_hub", modalities=mods, batch_size=2, workers=0),
+                              targets=True), 1)  # fmt: skip
+    assert b["cosia"].shape == b["lpis"].shape == (2, 64, 64)
+
+
+def test_read_ahead_foresees_each_shard_a_reader_opens_next_across_epochs(archive):
+    """The read-ahead of an S3 worker names, after each shard it opens, the one it opens next."""
+    loader = build_loader(_cfg(archive))
+    plan = loader.plan
+    seq = [plan.shards[u.shard].url for e in range(3) for u in plan.epoch_order(e, 1).units]
+    order = _ShardOrder(plan, 1, 0)
+    assert [order(url) for url in seq[:-1]] == seq[1:]
+    late = _ShardOrder(plan, 1, 1)  # resumed in epoch 1 past its first shard: it finds its place
+    n = len(plan.epoch_order(0, 1).units)
+    assert late(seq[n + 1]) == seq[n + 2]

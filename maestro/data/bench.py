@@ -1,4 +1,5 @@
-"""`maestro bench data URL [--workers N] [--batches K] [--source DIR [--only SIDE]] [--json]`: loader throughput.
+"""`maestro bench data URL [--workers N] [--batches K] [--simulate-pin] [--s3-latency-ms MS] [--source DIR [--only SIDE]] [--json]`:
+loader throughput.
 
 Streams `K` batches from a shard split with `build_loader` and reports samples/s, MB/s (shard
 bytes) and the decode and transform time per sample. With `--source DIR` (a TreeSatAI-TS archive
@@ -6,6 +7,10 @@ in its own layout: `{split}.csv`, `aerial/*.tif`, `sentinel-ts/*.h5`), it also r
 number of samples the reference's way, one sample at a time from its HDF5 and GeoTIFF files, through
 the same date policy, scaling and collate, and reports the loader's speed-up per CPU core.
 `--only loader` or `--only source` runs one side alone, so that each can be timed as a whole process.
+`--simulate-pin` runs the pinned-memory path of a GPU run on CPU (torch's pin-memory thread, with
+pinning a plain copy). `--s3-latency-ms MS` also streams the split from a local moto S3 server
+behind a proxy adding MS per request and reports S3 against local disk in samples/s (needs
+`moto[server]`; the server and proxy run in this process, so the S3 side's CPU-seconds include theirs).
 
 Per core means per CPU-second consumed (this process and its data-loader workers), so the
 figure holds on a busy machine where wall-clock rates swing with other jobs.
@@ -14,15 +19,18 @@ figure holds on a busy machine where wall-clock rates swing with other jobs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import os
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 H5_SERIES = {"s2": "sen-2", "s1_asc": "sen-1-asc", "s1_des": "sen-1-des"}
 
@@ -36,8 +44,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", help="the same TreeSatAI-TS archive in its source layout, for the baseline")
     p.add_argument("--split", default="train", help="the source split CSV to read (with --source)")
     p.add_argument("--only", choices=("loader", "source"), help="run one side alone (source: needs --source)")
+    p.add_argument(
+        "--simulate-pin",
+        action="store_true",
+        help="run the pinned-memory path on CPU (pinning a plain copy), as a GPU run does",
+    )
+    p.add_argument(
+        "--s3-latency-ms",
+        type=float,
+        help="also stream the split from a local moto S3 server behind a proxy adding this "
+        "latency per request, and report S3 against local disk",
+    )
+    p.add_argument(
+        "--read-ahead", action="store_true", help="S3: read each worker's next shard ahead (data.read_ahead)"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="with --s3-latency-ms: best of N alternating runs of each side (for busy machines)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run)
+
+
+@contextlib.contextmanager
+def simulated_pinning() -> Iterator[list[int]]:
+    """Run the loader's pinned-memory path on a machine without an accelerator: torch's DataLoader
+    sees one (and starts its pin-memory thread), and "pinning" a tensor or storage is a plain copy.
+    Yields a list whose one element counts the pinned copies made (each buffer pinned is one)."""
+    copies = [0]
+
+    def pin(self: Any, device: Any = None) -> Any:
+        copies[0] += 1
+        return self.clone()
+
+    patches = [
+        (torch.accelerator, "is_available", lambda: True),
+        (torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cpu")),
+        (torch.accelerator, "current_device_index", lambda: 0),
+        (torch.accelerator, "set_device_index", lambda index: None),
+        (torch.cuda, "is_available", lambda: True),
+        (torch.Tensor, "pin_memory", pin),
+        (torch.UntypedStorage, "pin_memory", pin),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield copies
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def _children_cpu_s() -> float:
@@ -157,6 +215,53 @@ def bench_loader(cfg, batches: int) -> dict[str, Any]:
     }
 
 
+def _faster(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
+    return a if a is not None and a["samples_per_s"] >= b["samples_per_s"] else b
+
+
+@contextlib.contextmanager
+def distant_copy(url: str, latency_ms: float) -> Iterator[str]:
+    """The split at `url` copied into a moto S3 server on 127.0.0.1, reached through a proxy that
+    adds `latency_ms` per request; yields its s3:// URL (the AWS_* environment points there meanwhile)."""
+    import socket
+    import uuid
+
+    from moto.server import ThreadedMotoServer
+
+    from maestro import storage
+    from maestro.data.proxy import Proxy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench")  # fmt: skip
+    storage._FS_CACHE.clear()
+    proxy = None
+    try:
+        bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        storage.filesystem("s3://x").mkdir(bucket)
+        for name in storage.list_names(url):
+            storage.write_bytes(f"s3://{bucket}/split/{name}", storage.read_bytes(storage.join(url, name)))
+        proxy = Proxy(port, latency_s=latency_ms / 1e3)
+        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+        storage._FS_CACHE.clear()
+        yield f"s3://{bucket}/split"
+    finally:
+        if proxy is not None:
+            proxy.down()
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage._FS_CACHE.clear()
+
+
 def run(args: argparse.Namespace) -> int:
     from maestro import config
     from maestro.cli import print_json
@@ -164,14 +269,30 @@ def run(args: argparse.Namespace) -> int:
     from shards import manifest as manifest_io
 
     dataset = manifest_io.read(args.url)["dataset"]
-    data = {"dataset": dataset, "shards": args.url, "workers": args.workers, "batch_size": args.batch_size}
+    data = {"dataset": dataset, "shards": args.url, "workers": args.workers, "batch_size": args.batch_size,
+            "read_ahead": args.read_ahead}  # fmt: skip
     cfg = config.from_dict({"data": data})
     if args.only == "source" and not args.source:
         raise ConfigError("--only", "source", "--source DIR as well: the archive to read the reference's way")
     report: dict[str, Any] = {"url": args.url, "workers": args.workers, "batch_size": args.batch_size,
                               "host_cpus": os.cpu_count()}  # fmt: skip
+    pinning = simulated_pinning if args.simulate_pin else contextlib.nullcontext
+    report["pinning"] = (
+        "simulated" if args.simulate_pin else ("cuda" if torch.cuda.is_available() else "none")
+    )
     if args.only != "source":
-        report["loader"] = bench_loader(cfg, args.batches)
+        with pinning():
+            report["loader"] = bench_loader(cfg, args.batches)
+    if args.s3_latency_ms is not None and args.only != "source":
+        s3 = None
+        with distant_copy(args.url, args.s3_latency_ms) as s3_url, pinning():
+            s3_cfg = config.from_dict({"data": {**data, "shards": s3_url}})
+            for i in range(args.repeat):  # alternating, so both sides see the same machine load
+                if i:
+                    report["loader"] = _faster(report["loader"], bench_loader(cfg, args.batches))
+                s3 = _faster(s3, bench_loader(s3_cfg, args.batches))
+        report["s3"] = {"latency_ms": args.s3_latency_ms, "repeat": args.repeat, **s3}
+        report["s3_vs_local"] = report["s3"]["samples_per_s"] / report["loader"]["samples_per_s"]
     if args.source and args.only != "loader":
         samples = report["loader"]["samples"] if "loader" in report else args.batches * args.batch_size
         report["source"] = bench_source(cfg, Path(args.source), args.split, samples)
@@ -182,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
     else:
-        for part in ("loader", "source"):
+        for part in ("loader", "s3", "source"):
             if part in report:
                 r = report[part]
                 print(f"{part:>7}: {r['samples_per_s']:8.1f} samples/s  {r['mb_per_s']:8.1f} MB/s  "
@@ -190,6 +311,10 @@ def run(args: argparse.Namespace) -> int:
         if "loader" in report:
             print(f"decode {report['loader']['decode_ms_per_sample']:.2f} ms/sample, "
                   f"transforms {report['loader']['transform_ms_per_sample']:.2f} ms/sample")  # fmt: skip
+        if "s3_vs_local" in report:
+            print(
+                f"S3 at {args.s3_latency_ms:g} ms per request vs local disk: {report['s3_vs_local']:.2f}x samples/s"
+            )
         if "speedup_per_core" in report:
             print(f"loader vs per-file reads: {report['speedup_per_core']:.2f}x per CPU core")
     return 0

@@ -12,6 +12,11 @@ the states of every old rank, works out which samples of the epochs under way th
 (`plan.consumed`), and starts the new readers there, passing over those samples: every sample of
 the epoch is still seen exactly once, though not in the order of either layout.
 
+Only what the job uses is read: pretraining decodes and ships model inputs only, an evaluation
+(`targets=True`) adds its targets. Batches travel from the workers as one buffer each
+(`arena.py`), pinned with one copy when a GPU is present. With `data.read_ahead` on S3 each worker
+reads its next shard ahead in a background thread (`storage.ReadAhead`).
+
 The stream never ends: the training loop counts steps, so ranks with unequal shares of an epoch
 never wait on each other. `batch["_skipped"]` (an int, summed over this rank's workers) and
 `batch["_epoch"]` travel with every batch, so reading them costs no device synchronization.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import uuid
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from maestro import storage
 from maestro.config import Config
-from maestro.data.arena import Arena, Receiver
+from maestro.data.arena import Arena, forget, unpack
 from maestro.data.plan import Plan, consumed, load_shards
 from maestro.data.prepare import Recipe
 from maestro.data.stream import Batching, ReaderStream
@@ -40,27 +46,52 @@ from maestro.errors import ConfigError, DataError
 STATE_VERSION = 2
 
 
+class _ShardOrder:
+    """For `storage.ReadAhead`: the shard a reader opens after `url`, from the plan's read order
+    (this epoch's, then the next's). Only shards the reader reads whole are named: a strided part
+    (fewer shards than readers) is read by seeking, and reading it whole would waste bandwidth."""
+
+    def __init__(self, plan: Plan, worker: int, epoch: int):
+        self.plan, self.worker, self.epoch, self.i = plan, worker, epoch, 0
+        self.units = [self._units(epoch), self._units(epoch + 1)]  # this epoch's and the next's
+
+    def _units(self, epoch: int) -> list[tuple[str, bool]]:
+        units = self.plan.epoch_order(epoch, self.worker).units
+        return [(self.plan.shards[u.shard].url, u.stride == 1) for u in units]
+
+    def __call__(self, url: str) -> str | None:
+        now = [u for u, _ in self.units[0][self.i :]]
+        if url not in now:
+            if url not in [u for u, _ in self.units[1]]:
+                return None  # not in the plan's order: nothing to foresee
+            self.epoch, self.i = self.epoch + 1, 0
+            self.units = [self.units[1], self._units(self.epoch + 1)]
+            now = [u for u, _ in self.units[0]]
+        self.i += now.index(url) + 1
+        following = self.units[0][self.i :] or self.units[1]
+        return following[0][0] if following and following[0][1] else None
+
+
 class _RankStreams(IterableDataset):
     """What each data-loader worker runs: its reader's batches from a recorded position."""
 
-    def __init__(self, loader: Loader, rotation: int):
+    def __init__(self, loader: Loader, rotation: int, token: str):
         self.plan, self.recipe, self.batching = loader.plan, loader.recipe, loader.batching
-        self.strict, self.rotation = loader.strict, rotation
+        self.strict, self.rotation, self.token = loader.strict, rotation, token
+        self.read_ahead = loader.read_ahead
         self.positions, self.skipped = [list(p) for p in loader._positions], list(loader._skipped)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = ((0 if info is None else info.id) + self.rotation) % self.plan.workers
-        arena = Arena(shared=info is not None)
+        arena = Arena(shared=info is not None, token=f"{self.token}/{worker}")
+        opener = (
+            storage.ReadAhead(_ShardOrder(self.plan, worker, self.positions[worker][0]))
+            if self.read_ahead
+            else storage.open_file
+        )
         stream = ReaderStream(
-            self.plan,
-            self.recipe,
-            self.batching,
-            worker,
-            self.strict,
-            storage.open_file,
-            self.skipped[worker],
-            arena,
+            self.plan, self.recipe, self.batching, worker, self.strict, opener, self.skipped[worker], arena
         )
         return (arena.pack(batch) for batch in stream.batches(self.positions[worker]))
 
@@ -68,13 +99,16 @@ class _RankStreams(IterableDataset):
 class Loader:
     """Batches for one rank, forever; see the module docstring."""
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, train: bool = True):
+    def __init__(
+        self, cfg: Config, rank: int = 0, world_size: int = 1, train: bool = True, targets: bool = False
+    ):
         if not cfg.data.shards:
             raise ConfigError(
                 "data.shards", cfg.data.shards, "the URL of a shard split (folder or s3://bucket/prefix)"
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside a world of {world_size}")
+        storage.configure(**dataclasses.asdict(cfg.storage))  # before workers start: they inherit it
         manifest, shards = load_shards(cfg.data.shards)
         stored = set(manifest["modalities"])
         for name in cfg.derived.modalities:
@@ -100,9 +134,12 @@ class Loader:
                 f"at most {total // world_size} workers per rank: {cfg.data.shards} holds {total} samples "
                 f"for {world_size} ranks",
             )
-        self.recipe = Recipe.from_config(cfg, train)
+        self.recipe = Recipe.from_config(cfg, train, targets)
         self.batching = Batching(cfg.data.batch_size, cfg.data.token_budget, dict(cfg.derived.groups))
         self.strict = cfg.data.strict
+        self.read_ahead = cfg.data.read_ahead and storage.is_s3(cfg.data.shards)
+        self.pin = torch.cuda.is_available()  # batches in pinned memory: one copy each (`arena.Parcel`)
+        self.own_buffers = 0  # batches that found no free arena slot (the consumer held them all)
         self.epoch = 0
         self._batches = 0
         self._positions = [[0, 0, 0] for _ in range(self.plan.workers)]
@@ -111,26 +148,28 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         w = self.plan.workers
         rotation = self._batches % w
-        data = _RankStreams(self, rotation)
-        pin = torch.cuda.is_available()
+        token = uuid.uuid4().hex  # names this iteration's worker arenas (see arena.py)
         loader = DataLoader(
-            data,
+            _RankStreams(self, rotation, token),
             batch_size=None,
             num_workers=self.workers,
-            pin_memory=pin,
+            pin_memory=self.pin,
             prefetch_factor=2 if self.workers else None,
         )
-        receiver = Receiver(pin)
-        for j, batch in enumerate(loader):
-            worker = batch.pop("_worker")
-            receiver.unpack(batch, worker)
-            assert worker == (rotation + j) % w, "data-loader workers out of round-robin order"
-            self._positions[worker] = list(batch.pop("_pos"))
-            self._skipped[worker] = batch.pop("_worker_skipped")
-            self._batches += 1
-            self.epoch = batch["_epoch"]
-            batch["_skipped"] = sum(self._skipped)
-            yield batch
+        try:
+            for j, batch in enumerate(loader):
+                worker = batch.pop("_worker")
+                assert worker == (rotation + j) % w, "data-loader workers out of round-robin order"
+                self.own_buffers += batch["_parcel"].slot is None
+                unpack(batch)
+                self._positions[worker] = list(batch.pop("_pos"))
+                self._skipped[worker] = batch.pop("_worker_skipped")
+                self._batches += 1
+                self.epoch = batch["_epoch"]
+                batch["_skipped"] = sum(self._skipped)
+                yield batch
+        finally:
+            forget(token)
 
     def skipped_samples(self) -> int:
         """Samples skipped as unreadable so far by this rank (as of the last batch yielded)."""
@@ -225,6 +264,9 @@ class Loader:
         self._skipped = [lost if self.plan.rank == 0 and w == 0 else 0 for w in range(self.plan.workers)]
 
 
-def build_loader(cfg: Config, rank: int = 0, world_size: int = 1, train: bool = True) -> Loader:
-    """The batch stream of one rank (see `Loader`)."""
-    return Loader(cfg, rank=rank, world_size=world_size, train=train)
+def build_loader(
+    cfg: Config, rank: int = 0, world_size: int = 1, train: bool = True, targets: bool = False
+) -> Loader:
+    """The batch stream of one rank (see `Loader`): model inputs only for pretraining; `targets=True`
+    (evaluation) adds each target of `cfg.derived.targets` to the batches."""
+    return Loader(cfg, rank=rank, world_size=world_size, train=train, targets=targets)

@@ -1,6 +1,7 @@
 """From one decoded shard sample to model-ready items: crop → date policy → flips → scaling.
 
-An item holds, per input modality `MOD`: `MOD (T, C, h, w)` values, `MOD_dates (T, 3)` int16,
+Only the members a recipe uses are decoded (`needed`): targets only when an evaluation asks
+for them (`Recipe.from_config(..., targets=True)`). An item holds, per input modality `MOD`: `MOD (T, C, h, w)` values, `MOD_dates (T, 3)` int16,
 `MOD_valid (T, h, w)` bool; `ref_date (1, 3)` int16; the targets present; and `_key`. `select`
 gives raw items: values in their stored dtype (often views of the decoded arrays, never written
 to) and `MOD_hole (T, h, w)`, the pixels to zero after scaling (None when there are none); the
@@ -13,6 +14,7 @@ reference's eval mode does (the bin offset is still drawn, as the reference draw
 from __future__ import annotations
 
 import datetime
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,17 +42,40 @@ class Recipe:
     random_dates: bool
 
     @classmethod
-    def from_config(cls, cfg: Config, train: bool) -> Recipe:
+    def from_config(cls, cfg: Config, train: bool, targets: bool = False) -> Recipe:
+        """`targets`: ship the dataset's targets too (evaluation); pretraining reads none."""
         d = cfg.derived
         return cls(
             specs=dict(d.modalities),
-            targets=dict(d.targets),
+            targets=dict(d.targets) if targets else {},
             geom=geometry(d.modalities, d.tile_m, d.crop_m),
             ref_date=d.ref_date,
             train=train,
             augment=train and cfg.data.augment,
             random_dates=train and cfg.data.random_dates,
         )
+
+
+def needed(members: dict[str, bytes], recipe: Recipe, where: str) -> dict[str, bytes]:
+    """The members of one sample that the recipe uses, for `shards.schema.decode`: its input
+    modalities and targets; the others (label rasters in pretraining, sensors not fed to the
+    model) are dropped undecoded, and `meta.json` lists only what is kept."""
+    try:
+        meta = json.loads(members["meta.json"])
+    except (KeyError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: 'meta.json' is missing or not valid JSON ({e})") from e
+    mods = [m for m in meta.get("modalities", []) if m not in recipe.specs]
+    tgts = [t for t in meta.get("targets", []) if t not in recipe.targets]
+    if not mods and not tgts:
+        return members
+    drop = {f"{t}.npy" for t in tgts} | {
+        f"{m}{s}" for m in mods for s in (".npy", ".dates.npy", ".valid.npy")
+    }
+    kept = {k: v for k, v in members.items() if k not in drop}
+    meta["modalities"] = [m for m in meta.get("modalities", []) if m in recipe.specs]
+    meta["targets"] = [t for t in meta.get("targets", []) if t in recipe.targets]
+    kept["meta.json"] = json.dumps(meta).encode()
+    return kept
 
 
 def fixed_date(text: str) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 from maestro.data.arena import Arena
 from maestro.data.collate import collate_packed, collate_padded, item_tokens
 from maestro.data.plan import EpochOrder, Plan
-from maestro.data.prepare import Recipe, select
+from maestro.data.prepare import Recipe, needed, select
 from maestro.errors import DataError
 from maestro.modalities import ModalitySpec
 from shards.index import ShardIndex, load_index
@@ -138,7 +138,7 @@ class ReaderStream:
                 if not isinstance(got, _Failed):
                     rng = np.random.default_rng([plan.seed, epoch, plan.rank, self.worker, shard_i, index])
                     try:
-                        sample = decode(key, got, f"{shard.url} ")
+                        sample = decode(key, needed(got, self.recipe, where), f"{shard.url} ")
                         check_values(sample, self._specs, f"{shard.url} ")
                         got = select(sample, self.recipe, rng, where)
                     except Exception as e:  # anything a bad sample can raise; strict re-raises
@@ -189,6 +189,6 @@ class ReaderStream:
                         break
                     taken.append(item)
                     used, pos, skipped = used + n, after, skipped_before
-                batch = collate_packed(taken, specs, b.groups, targets, b.token_budget, self.arena)
+                batch = collate_packed(taken, specs, targets, b.token_budget, self.arena)
             batch.update(_worker=self.worker, _pos=pos, _epoch=pos[0], _worker_skipped=skipped)
             yield batch

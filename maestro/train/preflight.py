@@ -9,6 +9,7 @@ started them (and again in every restart).
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any
 
@@ -124,6 +125,7 @@ def check_storage(cfg: Config) -> None:
 def check(cfg: Config) -> None:
     from maestro.train.resume import check_config
 
+    storage.configure(**dataclasses.asdict(cfg.storage))  # timeouts and retries for these checks too
     check_shards(cfg)
     check_storage(cfg)
     check_config(cfg, run_url(cfg))  # a resume the checkpoint refuses stops before any worker starts

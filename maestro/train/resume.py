@@ -32,8 +32,10 @@ from maestro.train import checkpoint
 # decides what the run computes, and changing one would mix two runs under one name.
 CHANGEABLE = (
     "run.",  # workers, cluster address, GPUs, storage endpoint and credentials, retries
+    "storage.",  # S3 timeouts, retry budget, block size and cache: how bytes are fetched
     "data.workers",
     "data.strict",
+    "data.read_ahead",
     "train.grad_accum",
     "train.log_every",
     "train.image_every",
@@ -42,6 +44,7 @@ CHANGEABLE = (
     "train.zero_stage",  # a resumed run keeps the stage it started with
     "model.attention",  # implementations of the same computation
     "model.kernels",
+    "eval.",  # downstream evaluation settings (the in-loop probe only logs)
 )
 PRECISION = "precision (resolved)"  # `train.precision: auto` resolves per machine: compared as run
 
