@@ -57,7 +57,7 @@ def on_split(cfg: Config, url: str) -> Config:
 
 def train_stream(cfg: Config, rank: int, world_size: int) -> Loader:
     """The endless, augmented, labelled training stream of `eval.train` for one rank."""
-    return build_loader(on_split(cfg, split_url(cfg, "train")), rank, world_size, train=True)
+    return build_loader(on_split(cfg, split_url(cfg, "train")), rank, world_size, train=True, targets=True)
 
 
 class Pass:
@@ -65,7 +65,7 @@ class Pass:
 
     def __init__(self, cfg: Config, url: str, rank: int = 0, world_size: int = 1, limit: int | None = None):
         self.cfg, self.url, self.rank, self.world_size, self.limit = cfg, url, rank, world_size, limit
-        self.recipe = Recipe.from_config(cfg, train=False)
+        self.recipe = Recipe.from_config(cfg, train=False, targets=True)
         self.skipped = 0
 
     def samples(self, shard: int | None = None) -> Iterator[tuple[int, Any]]:
