@@ -58,10 +58,10 @@ def test_pretrained_encoder_beats_random_init_on_a_linear_probe(tmp_path):
     train(cfg)
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    random_init = probe_model(cfg, build_model(cfg), cpu, torch.float32)
+    random_init = probe_model(cfg, build_model(cfg), cpu)
     pretrained = build_model(cfg)
     load_init(pretrained, run_url(cfg))
-    trained = probe_model(cfg, pretrained, cpu, torch.float32)
+    trained = probe_model(cfg, pretrained, cpu)
     print("random", random_init, "pretrained", trained)
     assert trained["weighted_f1"] >= random_init["weighted_f1"] + 0.1
     assert trained["ap"] > random_init["ap"]

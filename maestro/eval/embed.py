@@ -165,7 +165,7 @@ def embed_split(
         tables = []
         for batch in data.batches(i):
             with torch.no_grad():
-                enc = model.encode(to_device(batch, device, torch.float32))
+                enc = model.encode(to_device(batch, device))
             tables.append(_table(batch_rows(cfg, batch, enc, data.recipe.geom, tokens)))
             seen += len(batch["_keys"])
             if progress:

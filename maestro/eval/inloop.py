@@ -1,6 +1,6 @@
 """A cheap probe during pretraining (`eval.every`): a linear classifier fitted on frozen embeddings.
 
-`probe_scores(cfg, model, device, dtype)` embeds the first `eval.probe_samples` samples of
+`probe_scores(cfg, model, device)` embeds the first `eval.probe_samples` samples of
 `eval.train` (fit) and of `eval.val` (score) with the model as it stands, fits one linear layer
 per target on the standardized embeddings (full-batch Adam, `FIT_STEPS` steps, fixed seed) with
 the task's loss, and returns `{"eval/probe_METRIC": value}` for the first target, computed as the
@@ -46,7 +46,7 @@ def _grid_tokens(tokens: dict[str, Tensor], specs: dict, grid: int) -> Tensor:
 
 @torch.no_grad()
 def embed_split(
-    cfg: Config, model: nn.Module, split: str, device: torch.device, dtype: torch.dtype
+    cfg: Config, model: nn.Module, split: str, device: torch.device
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(N, E) features and {TARGET: labels} of the first `eval.probe_samples` samples of a split."""
     from maestro.train.loop import to_device
@@ -54,7 +54,7 @@ def embed_split(
     target, spec = next(iter(cfg.derived.targets.items()))
     feats, labels = [], []
     for batch in Pass(cfg, split_url(cfg, split), limit=cfg.eval.probe_samples).batches():
-        b = to_device(batch, device, dtype)
+        b = to_device(batch, device)
         tokens = model.encode(b)
         y = labels_of(spec, b[target])
         if spec.kind == "segmentation":
@@ -98,19 +98,19 @@ def fit_and_score(
     return metric.compute()
 
 
-def probe_model(cfg: Config, model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def probe_model(cfg: Config, model: nn.Module, device: torch.device) -> dict[str, float]:
     """Metrics of a linear probe of `model`'s frozen embeddings (see the module docstring)."""
     target, spec = next(iter(cfg.derived.targets.items()))
     was_training = model.training
     model.eval()
     try:
-        tx, ty = embed_split(cfg, model, "train", device, dtype)
-        vx, vy = embed_split(cfg, model, "val", device, dtype)
+        tx, ty = embed_split(cfg, model, "train", device)
+        vx, vy = embed_split(cfg, model, "val", device)
     finally:
         model.train(was_training)
     return fit_and_score(spec, tx, ty[target], vx, vy[target])
 
 
-def probe_scores(cfg: Config, model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+def probe_scores(cfg: Config, model: nn.Module, device: torch.device) -> dict[str, float]:
     """`{"eval/probe_METRIC": value}` for TensorBoard (the trainer's in-loop evaluation)."""
-    return {f"eval/probe_{k}": v for k, v in probe_model(cfg, model, device, dtype).items()}
+    return {f"eval/probe_{k}": v for k, v in probe_model(cfg, model, device).items()}

@@ -44,7 +44,7 @@ from maestro.eval.tasks import build_metric, default_monitor, task_loss, update_
 from maestro.eval.weights import check_init, load_init, save_weights
 from maestro.model.ema import EMA, reference_momentum
 from maestro.parallel import dist
-from maestro.parallel.deepspeed import build_engine, compute_dtype, local_shards
+from maestro.parallel.deepspeed import build_engine, local_shards
 from maestro.train import metrics as train_metrics
 from maestro.train import optim
 from maestro.train.loop import SUMMARY_FILE, Stepper, console, run_url, to_device
@@ -142,7 +142,6 @@ class PhaseRun:
         schedule = optim.build_schedule(cfg, optimizer)
         gpu = place.device.type == "cuda"
         self.engine = build_engine(cfg, self.task, optimizer, schedule, place.world_size, gpu)
-        self.dtype = compute_dtype(self.engine)
         self.stepper = Stepper(self.engine, None, place.device, cfg.train.seed, place.rank)
         self.params = local_shards(self.engine.module)
         validations = math.ceil(cfg.train.steps / cfg.eval.val_every)
@@ -181,7 +180,7 @@ class PhaseRun:
         scores = {n: build_metric(s, p.device) for n, s in self.targets.items()}
         self.engine.eval()
         for batch in Pass(self.cfg, split_url(self.cfg, split), p.rank, p.world_size).batches():
-            b = to_device(batch, p.device, self.dtype)
+            b = to_device(batch, p.device)
             out = self.engine(b)
             for n, spec in self.targets.items():
                 update_metric(scores[n], spec, out["logits"][n].float(), b[n])

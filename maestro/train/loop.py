@@ -34,8 +34,8 @@ from maestro.parallel import dist
 from maestro.parallel.deepspeed import build_engine, local_shards
 from maestro.train import checkpoint, metrics, optim, resume
 
-# The in-loop probe: (cfg, model, device, dtype) -> {TensorBoard tag: value}.
-Probe = Callable[[Config, Any, torch.device, torch.dtype], dict[str, float]]
+# The in-loop probe: (cfg, model, device) -> {TensorBoard tag: value}.
+Probe = Callable[[Config, Any, torch.device], dict[str, float]]
 
 STOP_FILE = "STOP"
 SUMMARY_FILE = "summary.json"
@@ -290,9 +290,7 @@ class Trainer:
             values["perf/mfu"] = tps * self.flops_per_token / self.peak
         if self.probe is not None and self.cfg.eval.every and step % self.cfg.eval.every == 0:
             # rank 0's in-loop probe (`maestro.eval.inloop.probe_scores`, passed in by the launcher)
-            values.update(
-                self.probe(self.cfg, self.engine.module.model, self.place.device, self.stepper.dtype)
-            )
+            values.update(self.probe(self.cfg, self.engine.module.model, self.place.device))
         assert self.board is not None
         self.board.scalars(step, values)
         console(metrics.progress_line(step, self.cfg.train.steps, losses["loss"], sps, seconds / steps))
@@ -388,7 +386,7 @@ def train(
 
     Rank 0 also writes the summary to `RUN/summary.json` (how the Ray driver learns the outcome).
     `on_step(step, engine)` runs after each optimizer step (fault injection in tests);
-    `probe(cfg, model, device, dtype) -> {name: value}` runs on rank 0 every `eval.every` steps
+    `probe(cfg, model, device) -> {name: value}` runs on rank 0 every `eval.every` steps
     (the in-loop downstream probe; the training layer does not import the evaluation one).
     """
     place = dist.init(config.uses_gpu(cfg))
