@@ -21,7 +21,7 @@ from maestro.errors import MaestroError
 
 # Modules that add top-level commands (`maestro NAME ...`) and `maestro bench NAME ...` commands.
 COMMAND_MODULES = ["maestro.cli_info", "maestro.cli_config", "shards.cli", "cluster.cli", "cluster.eval_cli"]
-BENCH_MODULES: list[str] = ["maestro.data.bench", "maestro.train.bench"]
+BENCH_MODULES: list[str] = ["maestro.data.bench", "maestro.data.bench_plan", "maestro.train.bench"]
 BENCH = "bench"
 
 

@@ -24,10 +24,8 @@ never wait on each other. `batch["_skipped"]` (an int, summed over this rank's w
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import uuid
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,12 +36,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from maestro import storage
 from maestro.config import Config
 from maestro.data.arena import Arena, forget, unpack
-from maestro.data.plan import Plan, consumed, load_shards
+from maestro.data.plan import Plan, consumed, load_shards, merge, pack_excluded, unpack_excluded
 from maestro.data.prepare import Recipe
 from maestro.data.stream import Batching, ReaderStream
 from maestro.errors import ConfigError, DataError
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: exclusions per shard, for this rank's shards only
 
 
 class _ShardOrder:
@@ -197,7 +195,7 @@ class Loader:
             "skipped": list(self._skipped),
             # Samples an earlier layout consumed in epochs still under way (elastic restarts).
             "excluded": {
-                str(e): base64.b64encode(zlib.compress(np.packbits(x).tobytes())).decode()
+                str(e): pack_excluded(x)
                 for e, x in self.plan.excluded.items()
                 if e >= min(p[0] for p in self._positions)
             },
@@ -213,14 +211,9 @@ class Loader:
                     + (", ranks and workers" if key in ("rank", "world_size", "workers") else "")
                 )
 
-    def _excluded(self, state: dict[str, Any]) -> dict[int, np.ndarray]:
-        n = self.plan.total
-        return {
-            int(e): np.unpackbits(
-                np.frombuffer(zlib.decompress(base64.b64decode(x)), np.uint8), count=n
-            ).astype(bool)
-            for e, x in state["excluded"].items()
-        }
+    @staticmethod
+    def _excluded(state: dict[str, Any]) -> dict[int, dict[int, np.ndarray]]:
+        return {int(e): unpack_excluded(x) for e, x in state["excluded"].items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where a stream of the same rank, ranks and workers stood."""
@@ -244,19 +237,19 @@ class Loader:
                 f"data stream states of ranks {[s['rank'] for s in states]} given; "
                 f"re-splitting needs all {first['world_size']} ranks' states"
             )
-        excluded = self._excluded(first)
         low = min(p[0] for st in states for p in st["positions"])  # the epoch the slowest reader is in
-        taken: dict[int, np.ndarray] = {}
-        for st in states:
+        high = max(p[0] for st in states for p in st["positions"])
+        mine = {e: self.plan.shards_of(e) for e in range(low, high + 1)}  # only this rank's exclusions
+        taken: dict[int, dict[int, np.ndarray]] = {}
+        for st in states:  # each old rank holds the exclusions of the shards its readers took
             old = dataclasses.replace(
                 self.plan,
                 rank=st["rank"],
                 world_size=st["world_size"],
                 workers=st["workers"],
-                excluded=excluded,
+                excluded=self._excluded(st),
             )
-            for e, x in consumed(old, [list(map(int, p)) for p in st["positions"]], low).items():
-                taken[e] = taken[e] | x if e in taken else x
+            taken = merge(taken, consumed(old, [list(map(int, p)) for p in st["positions"]], low, mine))
         self.plan = dataclasses.replace(self.plan, excluded=taken)  # an epoch all consumed is passed over
         self.epoch, self._batches = low, 0
         self._positions = [[low, 0, 0] for _ in range(self.plan.workers)]

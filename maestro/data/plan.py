@@ -13,12 +13,16 @@ computed up front, without I/O, from `(seed, epoch, rank, worker)`:
 After a change of ranks or workers mid-epoch (an elastic restart), `excluded` holds, for each
 epoch still under way, the samples the previous layout had already consumed (`consumed`): the new
 readers deal out that epoch as usual and pass over them, so no sample of the epoch is seen twice
-or left out.
+or left out. Exclusions are kept per shard (sorted sample indices within it), and a rank keeps only
+those of the shards its own readers take (`shards_of`): nothing a plan holds is the size of the
+archive; a reader's arrays are the size of its share.
 """
 
 from __future__ import annotations
 
+import base64
 import math
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +87,8 @@ class Plan:
     workers: int  # readers per rank (data-loader workers, at least 1)
     shuffle: bool
     shuffle_buffer: int
-    excluded: dict[int, np.ndarray] = field(default_factory=dict)  # epoch -> (N,) bool, by sample id
+    # epoch -> {shard: sorted indices within the shard}, for the shards this rank's readers take
+    excluded: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
 
     @property
     def readers(self) -> int:
@@ -93,11 +98,6 @@ class Plan:
     def total(self) -> int:
         return sum(s.samples for s in self.shards)
 
-    def sample_ids(self, shards: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """Global ids (shard after shard, in manifest order) of samples `index` of `shards`."""
-        first = np.cumsum([0, *(s.samples for s in self.shards)])
-        return first[shards] + index
-
     def units(self, epoch: int, worker: int) -> list[Unit]:
         order = np.arange(len(self.shards))
         if self.shuffle:
@@ -106,39 +106,86 @@ class Plan:
         units = [Unit(int(j), o, parts) for j in order for o in range(parts)]
         return units[self.rank * self.workers + worker :: self.readers]
 
+    def shards_of(self, epoch: int) -> set[int]:
+        """The shards this rank's readers take in `epoch`."""
+        return {u.shard for w in range(self.workers) for u in self.units(epoch, w)}
+
     def epoch_order(self, epoch: int, worker: int) -> EpochOrder:
         units = self.units(epoch, worker)
-        counts = [len(range(u.offset, self.shards[u.shard].samples, u.stride)) for u in units]
-        read_unit = np.repeat(np.arange(len(units)), counts)
-        read_index = np.concatenate(
-            [np.arange(u.offset, self.shards[u.shard].samples, u.stride) for u in units] or [np.zeros(0, int)]
-        ).astype(np.int64)
-        if epoch in self.excluded:
-            shard_of = np.array([u.shard for u in units], dtype=np.int64)[read_unit]
-            keep = ~self.excluded[epoch][self.sample_ids(shard_of, read_index)]
-            read_unit, read_index = read_unit[keep], read_index[keep]
+        gone = self.excluded.get(epoch, {})
+        reads = []
+        for u in units:
+            index = np.arange(u.offset, self.shards[u.shard].samples, u.stride, dtype=np.int64)
+            if u.shard in gone:
+                index = index[~np.isin(index, gone[u.shard], assume_unique=True)]
+            reads.append(index)
+        read_unit = np.repeat(np.arange(len(units)), [len(r) for r in reads])
+        read_index = np.concatenate(reads or [np.zeros(0, np.int64)])
         slots = self.shuffle_buffer if self.shuffle else 0
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
         return EpochOrder(units, read_unit, read_index, buffer_order(len(read_unit), slots, rng))
 
 
-def consumed(plan: Plan, positions: list[list[int]], low: int) -> dict[int, np.ndarray]:
+def consumed(
+    plan: Plan, positions: list[list[int]], low: int, shards: dict[int, set[int]] | None = None
+) -> dict[int, dict[int, np.ndarray]]:
     """Samples the readers of `plan` (one rank, `positions[w] = [epoch, p, sub]` per worker) have
-    consumed in each epoch from `low` on: {epoch: (N,) bool by sample id}, with `plan.excluded`.
+    consumed in each epoch from `low` on, with `plan.excluded`: {epoch: {shard: sorted indices}},
+    kept only for the shards `shards[epoch]` if given (those a new rank takes).
 
     Reader w has consumed its whole share of epochs before its own, and the first `p` emissions of
     its own (a sample of several items counts once begun). Shares of later epochs are untouched.
     """
     high = max(e for e, _, _ in positions)
-    out = {e: plan.excluded.get(e, np.zeros(plan.total, bool)).copy() for e in range(low, high + 1)}
+    parts: dict[int, dict[int, list[np.ndarray]]] = {e: {} for e in range(low, high + 1)}
+    for e in parts:
+        for s, x in plan.excluded.get(e, {}).items():
+            parts[e].setdefault(s, []).append(x)
     for w, (e, p, sub) in enumerate(positions):
         for epoch in range(low, e + 1):
             order = plan.epoch_order(epoch, w)
             taken = order.emission if epoch < e else order.emission[: p + (1 if sub else 0)]
-            shard_of = np.array([u.shard for u in order.units], dtype=np.int64)
-            ids = plan.sample_ids(shard_of[order.read_unit[taken]], order.read_index[taken])
-            out[epoch][ids] = True
+            shard_of = np.array([u.shard for u in order.units], dtype=np.int64)[order.read_unit[taken]]
+            index = order.read_index[taken]
+            for s in np.unique(shard_of):
+                parts[epoch].setdefault(int(s), []).append(index[shard_of == s])
+    return {
+        e: {
+            s: np.unique(np.concatenate(xs)) for s, xs in by_shard.items() if shards is None or s in shards[e]
+        }
+        for e, by_shard in parts.items()
+    }
+
+
+def merge(
+    a: dict[int, dict[int, np.ndarray]], b: dict[int, dict[int, np.ndarray]]
+) -> dict[int, dict[int, np.ndarray]]:
+    """The union of two exclusions."""
+    out = {e: dict(x) for e, x in a.items()}
+    for e, by_shard in b.items():
+        mine = out.setdefault(e, {})
+        for s, x in by_shard.items():
+            mine[s] = np.union1d(mine[s], x) if s in mine else x
     return out
+
+
+def pack_excluded(by_shard: dict[int, np.ndarray]) -> str:
+    """One epoch's exclusions as text for a stream state: zlib'd (shard, index) pairs, base64."""
+    pairs = [np.stack([np.full(len(x), s), x], 1) for s, x in sorted(by_shard.items())]
+    flat = np.concatenate(pairs or [np.zeros((0, 2), np.int64)]).astype(np.int64)
+    return base64.b64encode(zlib.compress(flat.tobytes())).decode()
+
+
+def unpack_excluded(text: str) -> dict[int, np.ndarray]:
+    """`pack_excluded`'s inverse."""
+    pairs = np.frombuffer(zlib.decompress(base64.b64decode(text)), np.int64).reshape(-1, 2)
+    shards, starts = np.unique(pairs[:, 0], return_index=True)
+    return {int(s): x for s, x in zip(shards, np.split(pairs[:, 1], starts[1:]))}
+
+
+def held_bytes(plan: Plan) -> int:
+    """Bytes of the arrays a plan holds (its exclusions), for bounds in tests and benchmarks."""
+    return sum(x.nbytes for by_shard in plan.excluded.values() for x in by_shard.values())
 
 
 def _split_shards(url: str) -> tuple[dict, list[Shard]]:
