@@ -6,8 +6,8 @@ schedule from `optim`), the EMA and this rank's shard stream, resumes from the c
 trains to `train.steps`. The hot loop never waits on the device: losses
 stay on it until a log step (`metrics.Interval`), where ranks also agree on divergence and on a
 stop request. A checkpoint is written every `train.checkpoint_every` steps, at the end, and when a
-stop is requested (SIGINT/SIGTERM in a plain process, the `STOP` file of the run under Ray); one
-more is written as soon as a preemption notice arrives (`notice`, polled at log steps), and
+stop is requested (SIGINT/SIGTERM in a plain process, the `STOP` file of the run under Ray); and
+at every log step once a preemption notice has arrived (`notice`, polled at log steps), while
 training goes on until the node goes.
 
 The global batch is the run's at every world size (`config.accumulation`): an elastic run that
@@ -165,7 +165,7 @@ class Trainer:
         from maestro.model import build_model
 
         self.place, self.on_step, self.notice = place, on_step, notice
-        self.noticed = False  # a preemption notice has been answered with a checkpoint
+        self.noticed = False  # a preemption notice has been said
         self.url = run_url(cfg)
         self.store = checkpoint.CheckpointStore(self.url, cfg.train.keep_checkpoints)
         # Decided before anything of the run is written: a refused resume leaves the run as it was.
@@ -365,16 +365,15 @@ class Trainer:
         }
 
     def preempted(self, step: int) -> bool:
-        """Whether a preemption notice has just arrived (polled on every rank at each log step):
-        the first one is answered by a checkpoint at once, and training goes on until the node goes."""
-        if self.notice is None:
+        """Whether a preemption notice stands (polled on every rank at each log step). Training
+        goes on until the node goes, with a checkpoint at each log step meanwhile: the work lost
+        to the preemption is at most one log interval."""
+        notice = None if self.notice is None else self.notice()
+        if notice is None:
             return False
-        notice = self.notice()
-        if notice is None or self.noticed:
-            return False
+        if self.place.is_main and not self.noticed:
+            console(f"preemption notice: {notice}; checkpoint at step {step} and at each log step until it goes")
         self.noticed = True
-        if self.place.is_main:
-            console(f"preemption notice: {notice}; checkpoint at step {step}, training goes on")
         return True
 
     def skip_summary(self) -> dict[str, Any]:
@@ -411,7 +410,7 @@ def train(
     `on_step(step, engine, batches)` runs after each optimizer step with its micro-batches (fault
     injection and sample accounting in tests).
     `notice()`: a coming preemption in one line, or None; called on every rank at each log step
-    (the launcher's asks Ray Train); a notice is answered by a checkpoint at once.
+    (the launcher's asks Ray Train); while a notice stands, every log step writes a checkpoint.
     """
     place = dist.init(config.uses_gpu(cfg))
     try:
