@@ -50,3 +50,12 @@ def test_counts_that_cannot_hold_the_global_batch_are_refused_naming_those_that_
 def test_a_bad_range_is_refused(value):
     with pytest.raises(ConfigError, match=r"\[MIN, MAX\] with 1 <= MIN <= MAX"):
         _load(f"run.workers={value}")
+
+
+def test_a_cluster_that_holds_the_fewest_workers_of_a_range_is_enough_to_start():
+    from cluster import resources
+
+    cfg = _load("run.workers=[2,4]", "train.global_batch=24", "run.use_gpu=false")
+    assert resources.shortfall(cfg, [{"CPU": 1.0}, {"CPU": 1.0}], "the Ray cluster") is None
+    text = resources.shortfall(cfg, [{"CPU": 1.0}], "the Ray cluster")
+    assert "run.workers=[2, 4] asks for at least 2 worker(s) of 1 CPU(s) each" in text
