@@ -4,9 +4,17 @@
 Ray, runs `TorchTrainer` with `run.workers` workers (one GPU each with `run.use_gpu`,
 `run.cpus_per_worker` CPUs each; NCCL on GPUs, gloo on CPU), passes the config only through
 `train_loop_config`, and stores Ray's run state beside the checkpoints in
-`RunConfig(storage_path=run.storage, name=run.name)`. `FailureConfig(max_failures=run.max_failures)`
-restarts the whole worker group after a crash; the restarted workers resume from the newest
-complete checkpoint, as does a later `maestro pretrain` of the same run name.
+`RunConfig(storage_path=run.storage, name=run.name)`. `FailureConfig(max_failures=run.max_failures,
+max_preemption_failures=run.max_preemptions)` restarts the whole worker group after a crash or a
+preemption; the restarted workers resume from the newest complete checkpoint, as does a later
+`maestro pretrain` of the same run name.
+
+`run.workers=[MIN, MAX]` is Ray Train v2's elastic `ScalingConfig(num_workers=(MIN, MAX))`: a lost
+node restarts the group with the workers the cluster still holds (at least MIN), and every
+`run.resize_check_s` Ray looks for room to grow back toward MAX. The loop keeps the global batch
+at every size (`config.accumulation`) and resumes the checkpoint in its universal form when the
+world size changed. Every worker asks Ray Train for a preemption notice at each log step
+(`preemption_notice`); while one stands, each log step writes a checkpoint.
 
 A local Ray binds every service to 127.0.0.1 (`maestro.local_ray`) and uses Ray's token
 authentication (on by default in Ray 2.60). Only maestro's lines reach the terminal (`console`):
