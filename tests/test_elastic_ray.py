@@ -310,12 +310,12 @@ def test_a_preemption_notice_writes_a_checkpoint_before_the_node_goes(ray_cluste
         time.sleep(max(0.0, deadline - 1 - time.time()))
         cluster.remove_node(node, allow_graceful=False)  # the cloud takes the node
         times["removed"] = time.time()
-        workers.append(cluster.add_node(**NODE))  # the next test's cluster as before
 
     changes = Driver(preempt)
     changes.start()
     summary = launch(cfg, functools.partial(worker_entry, on_step=Ledger(str(ledger), drain_then_go)))
     changes.done()
+    workers.append(cluster.add_node(**NODE))  # the cluster as it was, for a test after this one
     assert summary["step"] == STEPS and summary["global_batch"] == GLOBAL_BATCH
 
     lines = read_ledger(ledger)
