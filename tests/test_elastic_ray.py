@@ -76,12 +76,14 @@ def ray_cluster():
     # No exit hooks: they install a signal handler, which a node added from the test's thread
     # (while `launch` holds the main one) could not; the teardown below stops every node.
     cluster = Cluster(initialize_head=True, head_node_args=head, shutdown_at_exit=False)
-    workers = [cluster.add_node(**NODE) for _ in range(3)]
-    ray.init(address=cluster.address, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks below
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        workers = [cluster.add_node(**NODE) for _ in range(3)]
+        ray.init(address=cluster.address, log_to_driver=False)
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks below
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
