@@ -372,7 +372,9 @@ class Trainer:
         if notice is None:
             return False
         if self.place.is_main and not self.noticed:
-            console(f"preemption notice: {notice}; checkpoint at step {step} and at each log step until it goes")
+            console(
+                f"preemption notice: {notice}; checkpoint at step {step} and at each log step until it goes"
+            )
         self.noticed = True
         return True
 
