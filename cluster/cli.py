@@ -34,9 +34,11 @@ def banner(cfg, run_url: str) -> list[str]:
     runs = what_runs(cfg, run_url)  # a resumed run keeps its checkpoint's stage
     device = "GPU" if config.uses_gpu(cfg) else "CPU"
     where = f"Ray cluster {r.address}" if r.address else "local Ray (127.0.0.1)"
+    low, high = config.worker_range(cfg)
+    workers = f"{high}" if low == high else f"{low} to {high} (elastic)"
     return [
         f"maestro pretrain: run {run_url}",
-        f"  {cfg.model.size} model, {', '.join(d.modalities)}; {r.workers} {device} worker(s) on {where}",
+        f"  {cfg.model.size} model, {', '.join(d.modalities)}; {workers} {device} worker(s) on {where}",
         f"  ZeRO {runs['stage']}, {runs['precision']}, {runs['optimizer']}, global batch {runs['global_batch']}, "
         f"lr {d.lr:.3g}, {cfg.train.steps} steps",
         f"  logs: {run_url}/logs (driver.log, ray/), TensorBoard: {run_url}/tensorboard",

@@ -4,9 +4,17 @@
 Ray, runs `TorchTrainer` with `run.workers` workers (one GPU each with `run.use_gpu`,
 `run.cpus_per_worker` CPUs each; NCCL on GPUs, gloo on CPU), passes the config only through
 `train_loop_config`, and stores Ray's run state beside the checkpoints in
-`RunConfig(storage_path=run.storage, name=run.name)`. `FailureConfig(max_failures=run.max_failures)`
-restarts the whole worker group after a crash; the restarted workers resume from the newest
-complete checkpoint, as does a later `maestro pretrain` of the same run name.
+`RunConfig(storage_path=run.storage, name=run.name)`. `FailureConfig(max_failures=run.max_failures,
+max_preemption_failures=run.max_preemptions)` restarts the whole worker group after a crash or a
+preemption; the restarted workers resume from the newest complete checkpoint, as does a later
+`maestro pretrain` of the same run name.
+
+`run.workers=[MIN, MAX]` is Ray Train v2's elastic `ScalingConfig(num_workers=(MIN, MAX))`: a lost
+node restarts the group with the workers the cluster still holds (at least MIN), and every
+`run.resize_check_s` Ray looks for room to grow back toward MAX. The loop keeps the global batch
+at every size (`config.accumulation`) and resumes the checkpoint in its universal form when the
+world size changed. Every worker asks Ray Train for a preemption notice at each log step
+(`preemption_notice`); while one stands, each log step writes a checkpoint.
 
 A local Ray binds every service to 127.0.0.1 (`maestro.local_ray`) and uses Ray's token
 authentication (on by default in Ray 2.60). Only maestro's lines reach the terminal (`console`):
@@ -32,6 +40,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,7 +89,9 @@ def _inloop_probe(cfg: Config) -> loop.Probe | None:
     return probe_scores
 
 
-def worker_entry(loop_config: dict[str, Any], on_step: Callable[[int, Any], None] | None = None) -> None:
+def worker_entry(
+    loop_config: dict[str, Any], on_step: Callable[[int, Any, list], None] | None = None
+) -> None:
     """The Ray Train worker function.
 
     Divergence ends the worker normally (its summary says so): a restart from the last
@@ -96,13 +107,29 @@ def worker_entry(loop_config: dict[str, Any], on_step: Callable[[int, Any], None
     try:
         cfg = config.from_dict(loop_config["config"])
         with forward_stdout(loop_config.get("console"), rank):
-            loop.train(cfg, on_step, probe=_inloop_probe(cfg))
+            loop.train(cfg, on_step, preemption_notice, probe=_inloop_probe(cfg))
     except loop.Diverged:
         return
     except MaestroError as e:
         if error_url:
             record_error(error_url, e)
         raise
+
+
+def preemption_notice() -> str | None:
+    """What Ray Train knows of a coming preemption of one of the run's nodes, as one line (None:
+    nothing). A barrier: every worker calls it at the same log steps."""
+    import ray.train
+
+    info = ray.train.get_preemption_info()
+    if info is None:
+        return None
+    when = (
+        ""
+        if info.deadline_ms is None
+        else f" by {time.strftime('%H:%M:%S', time.gmtime(info.deadline_ms / 1000))} UTC"
+    )
+    return f"node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (rank(s) {info.preempted_ranks}) to be preempted{when}"
 
 
 class _DriverStop:
@@ -256,11 +283,12 @@ def _run(cfg: Config, train_fn: Callable[[dict], None], log: RunLog, started: bo
     from ray.util.queue import Queue
 
     gpu, r = config.uses_gpu(cfg), cfg.run
+    low, high = config.worker_range(cfg)
     stop_url, _, error_url = _files(cfg)
     try:
         if ray_dir:
             resources.check_local(cfg)
-            start_local_ray(r.workers * r.cpus_per_worker, r.workers if gpu else 0, ray_dir)
+            start_local_ray(high * r.cpus_per_worker, high if gpu else 0, ray_dir)
         elif started:
             ray.init(address=r.address, log_to_driver=False)
         if not ray_dir:
@@ -271,14 +299,17 @@ def _run(cfg: Config, train_fn: Callable[[dict], None], log: RunLog, started: bo
             train_loop_config={**payload(cfg), "error_url": error_url, "console": lines},
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
             scaling_config=ScalingConfig(
-                num_workers=r.workers,
+                num_workers=(low, high) if low < high else high,
+                elastic_resize_monitor_interval_s=r.resize_check_s,
                 use_gpu=gpu,
                 resources_per_worker={"CPU": r.cpus_per_worker, **({"GPU": 1} if gpu else {})},
             ),
             run_config=RunConfig(
                 name=r.name,
                 storage_path=storage.absolute(r.storage),
-                failure_config=FailureConfig(max_failures=r.max_failures),
+                failure_config=FailureConfig(
+                    max_failures=r.max_failures, max_preemption_failures=r.max_preemptions
+                ),
             ),
         )
         try:

@@ -8,6 +8,7 @@ same node (NCCL does not share a GPU between two ranks).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -52,24 +53,31 @@ def _has(nodes: list[Node]) -> str:
 def shortfall(cfg: Config, nodes: list[Node], where: str) -> str | None:
     """None when the run fits on `nodes`; else what was asked, what `where` has and what fits."""
     r, gpu = cfg.run, config.uses_gpu(cfg)
-    if room(nodes, r.cpus_per_worker, gpu) >= r.workers:
+    need = config.worker_range(cfg)[0]  # an elastic run starts with its fewest and grows
+    if room(nodes, r.cpus_per_worker, gpu) >= need:
         return None
     each = f"{r.cpus_per_worker} CPU(s)" + (" and 1 GPU" if gpu else "")
-    asked = f"run.workers={r.workers} asks for {r.workers} worker(s) of {each} each"
+    asked = f"run.workers={r.workers} asks for {'at least ' if need != r.workers else ''}{need} worker(s) of {each} each"
     gpu_room, cpu_room = room(nodes, r.cpus_per_worker, True), room(nodes, r.cpus_per_worker, False)
     options = []
     if gpu_room:
-        options.append(f"run.workers={min(r.workers, gpu_room)} run.use_gpu=true")
+        options.append(f"run.workers={min(need, gpu_room)} run.use_gpu=true")
     if cpu_room:
-        options.append(f"run.workers={min(r.workers, cpu_room)} run.use_gpu=false")
+        options.append(f"run.workers={min(need, cpu_room)} run.use_gpu=false")
     fits = " or ".join(options) if options else "nothing: add nodes or free CPUs"
     advice = "; a GPU holds one worker (NCCL does not share GPUs between ranks)" if gpu and gpu_room else ""
     return f"{asked}; {where} has {_has(nodes)}. What fits: {fits}{advice}"
 
 
 def check_local(cfg: Config) -> None:
-    """Before starting a local Ray: the request against this machine."""
-    missing = shortfall(cfg, local_nodes(), "this machine")
+    """Before starting a local Ray: the request against this machine (a local Ray is started with
+    room for the most workers of the run: there is no capacity to come and go)."""
+    most = config.worker_range(cfg)[1]
+    missing = shortfall(
+        dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, workers=most)),
+        local_nodes(),
+        "this machine",
+    )
     if missing:
         raise ResourceError(f"{missing} (or add configs/local.yaml, which sets run.workers=auto)")
 

@@ -107,6 +107,9 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000
     grad_accum: int = 1
+    # The optimizer step's batch over all workers; 0: data.batch_size × grad_accum × the most
+    # workers (run.workers). Kept at every worker count by changing the accumulation steps.
+    global_batch: int = 0
     zero_stage: int = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     checkpoint_every: int = 500
@@ -122,11 +125,15 @@ class TrainConfig:
 class RunConfig:
     name: str = "maestro"
     storage: str = "runs"  # local folder or s3://bucket/prefix
-    workers: int | Literal["auto"] = 1  # auto: this machine's GPUs (use_gpu) or CPU cores, for local runs
+    # A number, or [MIN, MAX] on a Ray cluster (elastic: the run shrinks to what the cluster still
+    # holds and grows back); auto: this machine's GPUs (use_gpu) or CPU cores, for local runs.
+    workers: int | list[int] | Literal["auto"] = 1
     use_gpu: Literal["auto", "true", "false"] = "auto"
     cpus_per_worker: int = 1
     address: str = ""  # Ray cluster address; empty: start Ray locally
-    max_failures: int = 3
+    max_failures: int = 3  # restarts after a crash
+    max_preemptions: int = -1  # restarts after a node is preempted or lost (-1: no limit)
+    resize_check_s: float = 60.0  # elastic runs: how often Ray looks for room to grow
     resource_wait_s: float = 0.0  # on a cluster: how long to wait for nodes (autoscaling) before failing
 
 
@@ -436,15 +443,15 @@ def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool, stage: int | N
     partition (stages 1–3 would only add copies of every gradient). A resumed run passes its own.
     """
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_gpu)
-    if stage is None:
-        stage = 0 if world_size == 1 else cfg.train.zero_stage
+    if stage is None:  # an elastic run that may grow partitions from the start
+        stage = 0 if max(world_size, worker_range(cfg)[1]) == 1 else cfg.train.zero_stage
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
         zero.update(overlap_comm=use_gpu, contiguous_gradients=True)
     out = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
+        "gradient_accumulation_steps": accumulation(cfg, world_size),
+        "train_batch_size": cfg.derived.global_batch,
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": bf16 and stage > 0},
         "zero_optimization": zero,
@@ -456,6 +463,65 @@ def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool, stage: int | N
         # loop with host syncs): fp32 weights stepped by torch's AdamW, bf16 compute by autocast.
         out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return out
+
+
+def worker_range(cfg: Config) -> tuple[int, int]:
+    """(fewest, most) workers of a resolved config: equal unless `run.workers` is `[MIN, MAX]`."""
+    w = cfg.run.workers
+    return (w[0], w[1]) if isinstance(w, list) else (w, w)
+
+
+def accumulation(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step on `world_size` workers: what keeps the global batch."""
+    per_step = cfg.data.batch_size * world_size
+    _check(
+        cfg.derived.global_batch % per_step == 0,
+        "run.workers",
+        world_size,
+        f"a worker count whose micro-batches (data.batch_size={cfg.data.batch_size} each) add up to "
+        f"the global batch {cfg.derived.global_batch} exactly; {_allowed(cfg)}",
+    )
+    return cfg.derived.global_batch // per_step
+
+
+def _allowed(cfg: Config) -> str:
+    """Which worker counts of the range hold the global batch, and the global batches all of them hold."""
+    low, high = worker_range(cfg)
+    gb, b = cfg.derived.global_batch, cfg.data.batch_size
+    ok = [w for w in range(low, high + 1) if gb % (b * w) == 0]
+    every = b * math.lcm(*range(low, high + 1))
+    return (
+        f"of {low}..{high} worker(s) only {ok or 'none'} can; use a range of those, or "
+        f"train.global_batch=N with N a multiple of {every}, which every count from {low} to {high} holds"
+    )
+
+
+def _resolve_workers(cfg: Config) -> None:
+    """`run.workers` as a number or `[MIN, MAX]`, and the global batch every count of it holds."""
+    r, t, b = cfg.run, cfg.train, cfg.data.batch_size
+    if r.workers == "auto":
+        r.workers = _auto_workers(cfg)
+    if isinstance(r.workers, list):
+        _check(
+            len(r.workers) == 2 and 1 <= r.workers[0] <= r.workers[1],
+            "run.workers",
+            r.workers,
+            "a number of workers, or [MIN, MAX] with 1 <= MIN <= MAX",
+        )
+        if r.workers[0] == r.workers[1]:
+            r.workers = r.workers[0]
+    _check(isinstance(r.workers, list) or r.workers >= 1, "run.workers", r.workers, "an integer >= 1")
+    _check(t.global_batch >= 0, "train.global_batch", t.global_batch, "0 (derived) or a number of samples")
+    low, high = worker_range(cfg)
+    gb = cfg.derived.global_batch = t.global_batch or b * t.grad_accum * high
+    if any(gb % (b * w) for w in range(low, high + 1)):
+        key, value = ("train.global_batch", gb) if t.global_batch else ("run.workers", r.workers)
+        raise ConfigError(
+            key,
+            value,
+            f"worker counts that each hold the global batch {gb} exactly in micro-batches of "
+            f"data.batch_size={b}; {_allowed(cfg)}",
+        )
 
 
 def uses_gpu(cfg: Config) -> bool:
@@ -544,8 +610,7 @@ def resolve(cfg: Config) -> Config:
         dc.token_budget,
         "0 (padded batches) or a positive token count",
     )
-    if r.workers == "auto":
-        r.workers = _auto_workers(cfg)
+    _resolve_workers(cfg)
     st = cfg.storage
     _check(
         st.retry_budget_s >= 0, "storage.retry_budget_s", st.retry_budget_s, "seconds >= 0 (0: no retries)"
@@ -555,12 +620,15 @@ def resolve(cfg: Config) -> Config:
     _check(st.block_size >= 5 * 2**20, "storage.block_size", st.block_size, "at least 5 MiB (S3's part size)")
     caches = ("none", "readahead", "bytes", "first", "blockcache", "background", "mmap", "all", "adaptive")
     _check(st.cache_type in caches, "storage.cache_type", st.cache_type, f"one of {caches}")
-    _check(r.workers >= 1, "run.workers", r.workers, "an integer >= 1")
     _check(
         r.resource_wait_s >= 0, "run.resource_wait_s", r.resource_wait_s, "a non-negative number of seconds"
     )
     _check(r.cpus_per_worker >= 1, "run.cpus_per_worker", r.cpus_per_worker, "an integer >= 1")
     _check(r.max_failures >= 0, "run.max_failures", r.max_failures, "an integer >= 0")
+    _check(
+        r.max_preemptions >= -1, "run.max_preemptions", r.max_preemptions, "-1 (no limit) or an integer >= 0"
+    )
+    _check(r.resize_check_s > 0, "run.resize_check_s", r.resize_check_s, "a positive number of seconds")
     _check(bool(r.name) and "/" not in r.name, "run.name", r.name, "a non-empty name without '/'")
     ev = cfg.eval
     for k in ("probe_steps", "finetune_steps", "val_every", "probe_samples"):
@@ -581,9 +649,8 @@ def resolve(cfg: Config) -> Config:
     )
     _resolve_modalities(cfg)
     d = cfg.derived
-    d.global_batch = dc.batch_size * t.grad_accum * r.workers
     d.lr = o.base_lr * (math.sqrt(d.global_batch / 3) if o.lr_scaling == "sqrt" else 1.0)
-    d.deepspeed = deepspeed_config(cfg, r.workers, uses_gpu(cfg))
+    d.deepspeed = deepspeed_config(cfg, worker_range(cfg)[1], uses_gpu(cfg))
     return cfg
 
 

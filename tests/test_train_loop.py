@@ -61,7 +61,7 @@ def test_stopped_run_resumes_exactly_where_it_stopped(archive, tmp_path):
     whole = train(_cfg(archive, tmp_path, "whole", "train.checkpoint_every=3"))
     assert whole["step"] == 4 and whole["start_step"] == 0
 
-    def interrupt(step, engine):
+    def interrupt(step, engine, batches):
         if step == 2:
             signal.raise_signal(signal.SIGINT)  # as Ctrl-C: a final checkpoint, then a clean return
 
@@ -93,7 +93,7 @@ def test_stopped_run_resumes_exactly_where_it_stopped(archive, tmp_path):
 
 
 def test_nonfinite_loss_names_step_and_modalities_and_keeps_last_checkpoint(archive, tmp_path):
-    def poison(step, engine):
+    def poison(step, engine, batches):
         if step == 3:  # weights destroyed after step 3: step 4's loss is NaN
             with torch.no_grad():
                 for p in engine.module.parameters():

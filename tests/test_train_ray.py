@@ -185,7 +185,7 @@ class KillOnce:
     def __init__(self, marker: str, step: int):
         self.marker, self.step = marker, step
 
-    def __call__(self, step: int, engine) -> None:
+    def __call__(self, step: int, engine, batches) -> None:
         if step == self.step and torch.distributed.get_rank() == 1 and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -208,7 +208,7 @@ class InterruptDriver:
     def __init__(self, driver_pid: int, step: int):
         self.driver_pid, self.step = driver_pid, step
 
-    def __call__(self, step: int, engine) -> None:
+    def __call__(self, step: int, engine, batches) -> None:
         if step == self.step and torch.distributed.get_rank() == 0:
             os.kill(self.driver_pid, signal.SIGINT)
 
@@ -237,7 +237,7 @@ class RaiseOnce:
     def __init__(self, tally: str, step: int):
         self.tally, self.step = tally, step
 
-    def __call__(self, step: int, engine) -> None:
+    def __call__(self, step: int, engine, batches) -> None:
         if step == self.step and torch.distributed.get_rank() == 1:
             with open(self.tally, "a") as f:
                 f.write("raised\n")

@@ -29,7 +29,7 @@ class StopAt:
     def __init__(self, step: int):
         self.step = step
 
-    def __call__(self, step: int, engine) -> None:
+    def __call__(self, step: int, engine, batches) -> None:
         if step == self.step and torch.distributed.get_rank() == 0:
             signal.raise_signal(signal.SIGINT)
 

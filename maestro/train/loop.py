@@ -6,7 +6,13 @@ schedule from `optim`), the EMA and this rank's shard stream, resumes from the c
 trains to `train.steps`. The hot loop never waits on the device: losses
 stay on it until a log step (`metrics.Interval`), where ranks also agree on divergence and on a
 stop request. A checkpoint is written every `train.checkpoint_every` steps, at the end, and when a
-stop is requested (SIGINT/SIGTERM in a plain process, the `STOP` file of the run under Ray).
+stop is requested (SIGINT/SIGTERM in a plain process, the `STOP` file of the run under Ray); and
+at every log step once a preemption notice has arrived (`notice`, polled at log steps), while
+training goes on until the node goes.
+
+The global batch is the run's at every world size (`config.accumulation`): an elastic run that
+restarts on fewer or more workers accumulates more or fewer micro-batches per optimizer step, and
+its schedule and step count continue from the checkpoint.
 
 Masks are drawn from a generator reseeded from (seed, step, rank, micro-batch) at every step, so a
 resumed run draws the masks the uninterrupted one would have.
@@ -154,14 +160,16 @@ class Trainer:
         self,
         cfg: Config,
         place: dist.Dist,
-        on_step: Callable[[int, Any], None] | None,
+        on_step: Callable[[int, Any, list], None] | None,
+        notice: Callable[[], str | None] | None = None,
         probe: Probe | None = None,
     ):
         from maestro.data import build_loader
         from maestro.info import tokens
         from maestro.model import build_model
 
-        self.place, self.on_step, self.probe = place, on_step, probe
+        self.place, self.on_step, self.notice, self.probe = place, on_step, notice, probe
+        self.noticed = False  # a preemption notice has been said
         self.url = run_url(cfg)
         self.store = checkpoint.CheckpointStore(self.url, cfg.train.keep_checkpoints)
         # Decided before anything of the run is written: a refused resume leaves the run as it was.
@@ -187,6 +195,8 @@ class Trainer:
         self.cfg.derived.deepspeed = config.deepspeed_config(cfg, place.world_size, use_gpu, stage)
         self.cfg.derived.global_batch = self.engine.train_batch_size()
         self.running = resume.running(self.engine, place.world_size)
+        # The global batch is the run's at every world size: the accumulation makes up the rest.
+        self.accum = self.engine.gradient_accumulation_steps()
         self.ema = EMA(local_shards(self.engine.module), cfg.train.ema_momentum) if cfg.train.ema else None
         self.loader = build_loader(cfg, place.rank, place.world_size, train=True)
         self.stepper = Stepper(self.engine, self.ema, place.device, cfg.train.seed, place.rank)
@@ -203,6 +213,10 @@ class Trainer:
         if place.is_main:
             for note in () if self.resume_from is None else self.resume_from.notes:
                 console(note)
+            console(
+                f"{place.world_size} worker(s) × {self.accum} micro-batch(es) of {cfg.data.batch_size}: "
+                f"global batch {self.running['global_batch']}"
+            )
             if self.store.local:
                 self.fs.makedirs(self.root, exist_ok=True)
             # On S3 the event files are written to a temporary local folder (removed at close)
@@ -309,7 +323,7 @@ class Trainer:
         stopped, loss = False, float("nan")
         while step < c.steps and not stopped:
             micro = []
-            for _ in range(c.grad_accum):
+            for _ in range(self.accum):
                 t = time.perf_counter()
                 micro.append(next(batches))
                 data_wait += time.perf_counter() - t
@@ -323,7 +337,7 @@ class Trainer:
             if self.board is not None and step % c.image_every == 0:
                 self.images(step, outs[-1], micro[-1])
             if self.on_step is not None:
-                self.on_step(step, self.engine)
+                self.on_step(step, self.engine, micro)
             if not log_step:
                 continue
             wants_stop = stop.requested or (self.place.is_main and self.stop_file_present())
@@ -342,7 +356,8 @@ class Trainer:
                 self.log(step, reduced, lr, now - last_time, step - last_log, data_wait)
             last_log, last_time, data_wait = step, now, 0.0
             stopped = reduced["stop"]
-            if step % c.checkpoint_every == 0 or step == c.steps or stopped:
+            noticed = self.preempted(step)
+            if step % c.checkpoint_every == 0 or step == c.steps or stopped or noticed:
                 self.save(step)
         self.sync_board()
         return {
@@ -355,6 +370,20 @@ class Trainer:
             "skipped": self.skip_summary(),
             **self.running,
         }
+
+    def preempted(self, step: int) -> bool:
+        """Whether a preemption notice stands (polled on every rank at each log step). Training
+        goes on until the node goes, with a checkpoint at each log step meanwhile: the work lost
+        to the preemption is at most one log interval."""
+        notice = None if self.notice is None else self.notice()
+        if notice is None:
+            return False
+        if self.place.is_main and not self.noticed:
+            console(
+                f"preemption notice: {notice}; checkpoint at step {step} and at each log step until it goes"
+            )
+        self.noticed = True
+        return True
 
     def skip_summary(self) -> dict[str, Any]:
         """`{"total", "reasons"}` of the samples skipped by all ranks (every rank calls this)."""
@@ -380,18 +409,24 @@ class Trainer:
 
 
 def train(
-    cfg: Config, on_step: Callable[[int, Any], None] | None = None, probe: Probe | None = None
+    cfg: Config,
+    on_step: Callable[[int, Any, list], None] | None = None,
+    notice: Callable[[], str | None] | None = None,
+    probe: Probe | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) the run of `cfg` on this process's rank; returns a summary on every rank.
 
     Rank 0 also writes the summary to `RUN/summary.json` (how the Ray driver learns the outcome).
-    `on_step(step, engine)` runs after each optimizer step (fault injection in tests);
+    `on_step(step, engine, batches)` runs after each optimizer step with its micro-batches (fault
+    injection and sample accounting in tests).
+    `notice()`: a coming preemption in one line, or None; called on every rank at each log step
+    (the launcher's asks Ray Train); while a notice stands, every log step writes a checkpoint.
     `probe(cfg, model, device) -> {name: value}` runs on rank 0 every `eval.every` steps
     (the in-loop downstream probe; the training layer does not import the evaluation one).
     """
     place = dist.init(config.uses_gpu(cfg))
     try:
-        trainer = Trainer(cfg, place, on_step, probe)
+        trainer = Trainer(cfg, place, on_step, notice, probe)
         try:
             with StopSignal() as stop:
                 summary = trainer.run(stop)

@@ -13,7 +13,7 @@ import dataclasses
 import uuid
 from typing import Any
 
-from maestro import storage
+from maestro import config, storage
 from maestro.config import Config
 from maestro.errors import CheckpointError, ConfigError, DataError
 from maestro.train.loop import run_url
@@ -89,7 +89,7 @@ def check_inputs(cfg: Config, manifest: dict[str, Any]) -> None:
 def check_samples(cfg: Config, manifest: dict[str, Any]) -> None:
     """Every loader worker of every rank reads at least one sample."""
     total = sum(s["samples"] for s in manifest["shards"])
-    ranks, workers = cfg.run.workers, max(1, cfg.data.workers)
+    ranks, workers = config.worker_range(cfg)[1], max(1, cfg.data.workers)
     if total < ranks * workers:
         most = total // ranks
         limit = f"at most {most} loader worker(s) per rank" if most else f"at most {total} rank(s)"

@@ -215,7 +215,7 @@ def restore(
 
 def what_runs(cfg: Config, url: str, world_size: int | None = None) -> dict[str, Any]:
     """What a run of `cfg` in run folder `url` trains with: ZeRO stage, precision, optimizer,
-    global batch, workers (`world_size`, default `run.workers`).
+    global batch, workers (`world_size`, default the most of `run.workers`).
 
     For the launcher's banner, before any worker starts: a resumed run keeps its checkpoint's
     stage, so the run's newest complete checkpoint is read when there is one. The same values
@@ -223,7 +223,7 @@ def what_runs(cfg: Config, url: str, world_size: int | None = None) -> dict[str,
     """
     from maestro.parallel.deepspeed import expected_optimizer
 
-    world = cfg.run.workers if world_size is None else world_size
+    world = config.worker_range(cfg)[1] if world_size is None else world_size
     store = checkpoint.CheckpointStore(url, cfg.train.keep_checkpoints)
     latest = store.latest()
     stage = None if latest is None else json.loads(store.read(latest, "state.json"))["zero_stage"]
