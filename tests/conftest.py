@@ -119,24 +119,31 @@ def train_archive(tmp_path_factory) -> str:
     return str(root / "train")
 
 
+def small_train_config(shards: str, storage, name: str, *overrides: str):
+    """The resolved config of a `SMALL_TRAIN` run of `shards` named `name` under `storage`."""
+    from maestro import config
+
+    return config.load(
+        "configs/demo.yaml",
+        [*SMALL_TRAIN, f"data.shards={shards}", f"run.storage={storage}", f"run.name={name}", *overrides],
+    )
+
+
 @pytest.fixture
 def small_run(train_archive, tmp_path):
     """`small_run(name, *overrides)`: the resolved config of a `SMALL_TRAIN` run under `tmp_path`."""
-    from maestro import config
+    return lambda name, *overrides: small_train_config(train_archive, tmp_path, name, *overrides)
 
-    def make(name: str, *overrides: str):
-        return config.load(
-            "configs/demo.yaml",
-            [
-                *SMALL_TRAIN,
-                f"data.shards={train_archive}",
-                f"run.storage={tmp_path}",
-                f"run.name={name}",
-                *overrides,
-            ],
-        )
 
-    return make
+@pytest.fixture(scope="module")
+def clean_group_env_module():
+    """`clean_group_env` for a module-scoped fixture that trains once for several tests."""
+    from maestro.parallel.dist import GROUP_VARIABLES
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k in GROUP_VARIABLES:
+            mp.delenv(k, raising=False)
+        yield
 
 
 # --- small model configs and synthetic model batches ---------------------------------------------

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import small_train_config
 
 from maestro import config
 from maestro.errors import CheckpointError
@@ -34,6 +35,14 @@ class StopAt:
             signal.raise_signal(signal.SIGINT)
 
 
+@pytest.fixture(scope="module")
+def stopped_run(train_archive, tmp_path_factory, clean_group_env_module):
+    """`(storage, summary)`: one small run stopped at step 2, shared by the refusal tests (a refused
+    resume changes nothing in the run, which each of them asserts)."""
+    storage = tmp_path_factory.mktemp("stopped")
+    return storage, train(small_train_config(train_archive, storage, "fixed"), on_step=StopAt(2))
+
+
 @pytest.mark.parametrize(
     "override, keys",
     [
@@ -42,23 +51,24 @@ class StopAt:
         ("model.size=tiny", "model.size"),
     ],
 )
-def test_changed_key_that_cannot_change_is_refused_in_one_line(override, keys, small_run, tmp_path):
-    cfg = small_run("fixed")
-    first = train(cfg, on_step=StopAt(2))
+def test_changed_key_that_cannot_change_is_refused_in_one_line(override, keys, stopped_run, train_archive):
+    storage, first = stopped_run
     assert first["stopped"] and first["step"] == 2
-    saved = (tmp_path / "fixed" / "config.yaml").read_bytes()
+    saved = (storage / "fixed" / "config.yaml").read_bytes()
+    changed = small_train_config(train_archive, storage, "fixed", override)
     with pytest.raises(CheckpointError, match=keys):  # what the launcher checks before workers start
-        resume.check_config(small_run("fixed", override), str(tmp_path / "fixed"))
+        resume.check_config(changed, str(storage / "fixed"))
     with pytest.raises(CheckpointError) as e:
-        train(small_run("fixed", override))
+        train(changed)
     message = str(e.value)
-    where = f"{tmp_path}/fixed/{checkpoint.tag(2)}"
+    where = f"{storage}/fixed/{checkpoint.tag(2)}"
     assert message.startswith(f"cannot resume {where} with other values of {keys}: ") and "\n" not in message
     old = yaml.safe_load(saved)
     section, key = keys.split(".")
     assert f"trained with {keys}={old[section][key]} (this config: {override})" in message
     assert "another run.name" in message
-    assert (tmp_path / "fixed" / "config.yaml").read_bytes() == saved  # not overwritten
+    assert (storage / "fixed" / "config.yaml").read_bytes() == saved  # not overwritten
+    assert checkpoint.CheckpointStore(str(storage / "fixed"), keep=3).complete_steps() == [2]
 
 
 def test_several_fixed_keys_are_named_together(small_run, tmp_path):
