@@ -400,7 +400,8 @@ def test_pretraining_batches_carry_no_targets_and_never_decode_them(tmp_path):
     with tarfile.open(Path(url) / shard) as tar:
         key = tar.getnames()[0].split(".")[0]
     _tamper_member(url, shard, key, "cosia.npy", b"not an array")  # a target no pretraining reads
-    cfg = _cfg(url, dataset="flair_hub", modalities=mods, batch_size=2, workers=0, strict=True)
+    cfg = _cfg(url, dataset="flair_hub", modalities=mods, batch_size=2, workers=0, strict=True,
+               targets=["cosia", "lpis"])  # fmt: skip
     batches = _take(build_loader(cfg), 4)
     keys = [k for b in batches for k in b["_keys"]]
     assert len(set(keys)) == 8 and key in keys  # the sample with the damaged target trains
@@ -409,8 +410,10 @@ def test_pretraining_batches_carry_no_targets_and_never_decode_them(tmp_path):
     with pytest.raises(DataError, match="cosia"):  # an evaluation reads them: the damage shows
         _take(build_loader(cfg, targets=True), 4)
     clean, _ = _flair_hub(tmp_path / "clean")
-    (b,) = _take(build_loader(_cfg(clean, dataset="flair_hub", modalities=mods, batch_size=2, workers=0),
-                              targets=True), 1)  # fmt: skip
+    both = _cfg(
+        clean, dataset="flair_hub", modalities=mods, batch_size=2, workers=0, targets=["cosia", "lpis"]
+    )
+    (b,) = _take(build_loader(both, targets=True), 1)
     assert b["cosia"].shape == b["lpis"].shape == (2, 64, 64)
 
 
