@@ -45,6 +45,14 @@ def banner(cfg, run_url: str) -> list[str]:
     ]
 
 
+def skipped_line(skipped: dict | None) -> str:
+    """The final line's account of skipped samples: how many, and why."""
+    if not skipped or not skipped.get("total"):
+        return "no sample skipped"
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped["reasons"].items()))
+    return f"{skipped['total']} samples skipped ({why})"
+
+
 def run(args: argparse.Namespace) -> int:
     from cluster.console import RunLog
     from maestro import config
@@ -70,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 state = "stopped" if summary["stopped"] else "finished"
                 log.say(
                     f"{state} at step {summary['step']} (loss {summary['loss']:.4f}); "
+                    f"{skipped_line(summary.get('skipped'))}; "
                     f"TensorBoard: tensorboard --logdir {summary['run']}/tensorboard"
                 )
     finally:

@@ -80,3 +80,11 @@ def test_auto_workers_refused_on_a_cluster():
 
     with pytest.raises(ConfigError, match="run.address"):
         config.load("configs/demo.yaml", ["run.workers=auto", "run.address=auto"])
+
+
+def test_the_final_line_says_how_many_samples_were_skipped_and_why():
+    from cluster.cli import skipped_line
+
+    assert skipped_line({"total": 0, "reasons": {}}) == "no sample skipped"
+    line = skipped_line({"total": 3, "reasons": {"digest mismatch": 1, "unreadable": 2}})
+    assert line == "3 samples skipped (1 digest mismatch, 2 unreadable)"
