@@ -64,7 +64,9 @@ def test_every_parameter_gets_a_gradient(small_config, make_batch):
     model = build_model(cfg)
     model(make_batch(cfg), generator=torch.Generator().manual_seed(0)).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert missing == []
+    # every pretraining parameter; the downstream heads (probe/fine-tune only) get none here
+    assert missing == [n for n, _ in model.named_parameters() if n.startswith("heads.")]
+    assert missing  # the config's target has a head
 
 
 def test_fixed_generator_gives_the_same_loss_and_masks(small_config, make_batch):
