@@ -66,7 +66,8 @@ def test_transient_errors_are_told_apart_from_lasting_ones():
 @pytest.mark.parametrize("read_ahead", [False, True])
 def test_an_outage_mid_stream_loses_and_skips_no_sample(s3_bucket, proxy, read_ahead):
     url = _split(s3_bucket)
-    it = iter(build_loader(_cfg(url, read_ahead)))
+    # generous per-request timeouts: on a loaded machine a slow answer is not the outage
+    it = iter(build_loader(_cfg(url, read_ahead, connect_timeout_s=5.0, read_timeout_s=15.0)))
     keys = [next(it)["_keys"][0]]
     proxy.down()  # the endpoint refuses connections and breaks the open ones ...
     threading.Timer(3.0, proxy.up).start()  # ... for 3 s, while the workers keep reading
