@@ -28,9 +28,9 @@ from maestro.sizes import SIZES
 @dataclass
 class DataConfig:
     dataset: str = "treesatai_ts"
-    shards: str | list[str] = (
-        ""  # URL of a shard split (local folder or s3://bucket/prefix), or a list of them
-    )
+    # URL of a shard split (local folder or s3://bucket/prefix), or a list of them, each a URL or
+    # {path: URL, weight: W} (W × its samples drawn per epoch; see `shard_sources`)
+    shards: str | list[str | dict[str, Any]] = ""
     inputs: list[str] | None = None  # modalities fed to the model; None: the preset's
     targets: list[str] | None = None  # downstream targets (heads, labels); None: the preset's first
     modalities: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-modality deltas or new sensors
@@ -379,6 +379,47 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(key, value, expected)
 
 
+def shard_sources(shards: str | list[str | dict[str, Any]]) -> list[tuple[str, float]]:
+    """`data.shards` as (split URL, weight) pairs; ConfigError naming the entry that is wrong.
+
+    A split of weight W contributes round(W × its samples) samples to each epoch: 1 is its natural
+    share, 3 streams each of its samples three times an epoch, 0.25 a quarter of them (other ones
+    each epoch). A plain URL has weight 1.
+    """
+    if isinstance(shards, str):
+        return [(shards, 1.0)]
+    _check(bool(shards), "data.shards", shards, "a split URL, or a non-empty list of split URLs")
+    out: list[tuple[str, float]] = []
+    for i, entry in enumerate(shards):
+        key = f"data.shards[{i}]"
+        if isinstance(entry, dict):
+            extra = sorted(set(entry) - {"path", "weight"})
+            _check(not extra, key, entry, f"a split URL or a mapping of 'path' and 'weight' (not {extra})")
+            url, weight = entry.get("path"), entry.get("weight", 1.0)
+            _check(isinstance(url, str) and bool(url), f"{key}.path", url, "a split URL")
+            _check(
+                isinstance(weight, int | float) and not isinstance(weight, bool) and 0 < weight < math.inf,
+                f"{key}.weight",
+                weight,
+                "a positive number (1: the split's natural share of an epoch, 2: each sample twice, "
+                "0.5: half of them)",
+            )
+        else:
+            url, weight = entry, 1.0
+            _check(bool(url), key, url, "a split URL")
+        out.append((url, float(weight)))
+    urls = [u.rstrip("/") for u, _ in out]
+    twice = sorted({u for u in urls if urls.count(u) > 1})
+    _check(
+        not twice,
+        "data.shards",
+        shards,
+        f"each split once ({twice} listed twice: each sample would be seen twice an epoch; "
+        "give the split a weight instead)",
+    )
+    return out
+
+
 def _resolve_modalities(cfg: Config) -> None:
     ds = preset(cfg.data.dataset)
     specs = dict(ds.modalities)
@@ -594,13 +635,8 @@ def resolve(cfg: Config) -> Config:
     _check(t.log_every > 0, "train.log_every", t.log_every, "a positive number of steps")
     _check(t.image_every > 0, "train.image_every", t.image_every, "a positive number of steps")
     _check(0 < t.ema_momentum < 1, "train.ema_momentum", t.ema_momentum, "a momentum in (0, 1)")
-    _check(
-        isinstance(dc.shards, str)
-        or (bool(dc.shards) and all(dc.shards) and len(set(dc.shards)) == len(dc.shards)),
-        "data.shards",
-        dc.shards,
-        "a split URL, or a non-empty list of distinct split URLs (streamed as one split)",
-    )
+    if not isinstance(dc.shards, str):
+        shard_sources(dc.shards)
     _check(dc.batch_size >= 1, "data.batch_size", dc.batch_size, "an integer >= 1")
     _check(dc.workers >= 0, "data.workers", dc.workers, "an integer >= 0")
     _check(dc.shuffle_buffer >= 0, "data.shuffle_buffer", dc.shuffle_buffer, "an integer >= 0")

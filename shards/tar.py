@@ -1,7 +1,8 @@
 """The one tar reader (for the loader, verify, inspect and indexing) and the member-name rule.
 
-Headers are parsed by `tarfile.TarInfo.frombuf`, one 512-byte block at a time, so a reader can
-seek: members it does not want are passed over, never read. ustar, PAX (`x` per member, `g`
+Headers are parsed one 512-byte block at a time, so a reader can seek: members it does not want
+are passed over, never read. POSIX ustar headers (what tarfile and webdataset write) are parsed
+here in a few slices; any other header goes to `tarfile.TarInfo.frombuf`. ustar, PAX (`x` per member, `g`
 global) and GNU long names (`L`, `K`), as `tarfile` and webdataset's `TarWriter` write them, are
 understood. A header whose checksum fails is reported and the scan resynchronises at the next
 block that is a valid header, so one damaged header costs only the sample it belongs to.
@@ -101,6 +102,43 @@ class Damage:
     end: int
 
 
+@dataclass(frozen=True)
+class _Header:
+    """What `members` needs of a header block (as `tarfile.TarInfo` has it)."""
+
+    name: str
+    size: int
+    type: bytes
+
+    def isdir(self) -> bool:
+        return self.type == tarfile.DIRTYPE
+
+
+_USTAR = b"ustar\x0000"  # POSIX ustar magic and version, as tarfile and webdataset write them
+_FAST_TYPES = (tarfile.REGTYPE, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.DIRTYPE)
+
+
+def _header(block: bytes) -> _Header | tarfile.TarInfo:
+    """The header in a 512-byte block. POSIX ustar headers of regular files, directories and PAX
+    extensions (all that tarfile and webdataset write) are parsed here, in a few slices; anything
+    else (GNU and v7 headers, base-256 numbers, a checksum that does not add up, a zero block) goes
+    to `tarfile.TarInfo.frombuf`, which parses it or raises its header errors."""
+    kind = block[156:157]
+    if block[257:265] == _USTAR and kind in _FAST_TYPES:
+        try:
+            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            chksum = int(block[148:156].split(b"\0", 1)[0].strip(), 8)
+        except ValueError:
+            size = chksum = -1
+        if size >= 0 and chksum == sum(block) - sum(block[148:156]) + 256:
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            return _Header(name.rstrip("/") if kind == tarfile.DIRTYPE else name, size, kind)
+    return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+
+
 def _pax_records(data: bytes, where: str) -> dict[str, str]:
     """The `LEN KEY=VALUE\\n` records of a PAX extended header."""
     out, pos = {}, 0
@@ -140,7 +178,7 @@ def members(
         if len(block) < BLOCK:
             raise DataError(f"{where}: truncated at byte {offset} (a partial tar header)")
         try:
-            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            info = _header(block)
         except tarfile.EOFHeaderError:
             if bad is None:
                 break

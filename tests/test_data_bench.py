@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from maestro.cli import main
 from shards.synth import write_synthetic
 from shards.synth_source import write_treesatai_source
@@ -16,9 +18,15 @@ def test_bench_data_reports_loader_and_source_side_by_side(tmp_path, capsys):
     assert main(["shards", "convert", "treesatai_ts", str(src), str(out), "--split", "train"]) == 0
     capsys.readouterr()
     args = ["bench", "data", str(out / "train"), "--workers", "0", "--batches", "2", "--batch-size", "2"]
-    assert main([*args, "--source", str(src), "--json"]) == 0
+    assert main([*args, "--source", str(src), "--reader", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["loader"]["samples"] == 4 and report["source"]["samples"] == 4
+    reader = report["reader"]  # the read path alone, indexed against the old sequential reader
+    assert reader["indexed"]["samples"] == reader["sequential"]["samples"] == 6
+    assert reader["indexed"]["mb_per_s"] / reader["indexed"]["samples_per_s"] == pytest.approx(
+        reader["sequential"]["mb_per_s"] / reader["sequential"]["samples_per_s"]
+    )  # the same member bytes
+    assert reader["indexed_vs_sequential"] > 0
     for part in ("loader", "source"):
         assert report[part]["samples_per_s"] > 0 and report[part]["mb_per_s"] > 0
     assert report["loader"]["decode_ms_per_sample"] > 0

@@ -3,6 +3,8 @@ exclusions for one rank's shards only (nothing the size of the archive)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from maestro.data.plan import Plan, Shard, consumed, held_bytes, merge
@@ -19,7 +21,7 @@ def _resplit(shards, old_ranks, old_workers, positions, rank, ranks, workers) ->
     taken: dict = {}
     for r in range(old_ranks):
         taken = merge(taken, consumed(_plan(shards, r, old_ranks, old_workers), positions(r), 0, mine))
-    return Plan(**{**new.__dict__, "excluded": taken})
+    return dataclasses.replace(new, excluded=taken)
 
 
 def _ids(plan: Plan, worker: int, start: int = 0) -> np.ndarray:

@@ -291,3 +291,51 @@ def test_index_refuses_shards_without_the_configs_modality(tmp_path):
     with pytest.raises(DataError, match=r"no sample holds \['dem'\]"):
         index_split(url, cfg)
     assert not (Path(url) / "manifest.json").exists()
+
+
+def _headers(fmt: int) -> list[bytes]:
+    """Header blocks as tarfile writes them (extension headers included, their data left out): a
+    file, a name that needs the ustar prefix or an extension, a directory, a non-ASCII name, a size
+    beyond 11 octal digits and a link."""
+    infos = [tarfile.TarInfo("k1.s2.npy"), tarfile.TarInfo("d" * 90 + "/" + "n" * 60 + ".npy"),
+             tarfile.TarInfo("folder/"), tarfile.TarInfo("clé.json"), tarfile.TarInfo("big.npy"),
+             tarfile.TarInfo("ln.npy")]  # fmt: skip
+    infos[2].type, infos[4].size, infos[5].type, infos[5].linkname = (
+        tarfile.DIRTYPE,
+        3 * 2**33,
+        tarfile.SYMTYPE,
+        "x",
+    )
+    out = []
+    for info in infos:
+        if fmt == tarfile.USTAR_FORMAT and info.size >= 8**11:
+            continue  # ustar cannot hold it
+        buf, i = info.tobuf(fmt, "utf-8", "surrogateescape"), 0
+        while i < len(buf):
+            out.append(buf[i : i + 512])
+            head = tarfile.TarInfo.frombuf(out[-1], "utf-8", "surrogateescape")
+            i += 512 + (
+                -(-head.size // 512) * 512
+                if head.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE)
+                else 0
+            )
+    return out
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_fast_header_parse_agrees_with_tarfile_and_leaves_the_rest_to_it(fmt):
+    from shards.tar import _header
+
+    blocks = _headers(fmt)
+    assert len(blocks) >= 5
+    for block in blocks:
+        mine, theirs = _header(block), tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        assert (mine.name, mine.size, mine.type, mine.isdir()) == (
+            theirs.name, theirs.size, theirs.type, theirs.isdir(),
+        )  # fmt: skip
+        bad = bytearray(block)
+        bad[3] ^= 0x01  # a flipped bit in the name: the checksum no longer adds up
+        with pytest.raises(tarfile.HeaderError):
+            _header(bytes(bad))
+    with pytest.raises(tarfile.EOFHeaderError):
+        _header(bytes(512))

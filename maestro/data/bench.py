@@ -1,4 +1,4 @@
-"""`maestro bench data URL [--workers N] [--batches K] [--simulate-pin] [--s3-latency-ms MS] [--source DIR [--only SIDE]] [--json]`:
+"""`maestro bench data URL [--workers N] [--batches K] [--simulate-pin] [--s3-latency-ms MS] [--source DIR [--only SIDE]] [--reader] [--json]`:
 loader throughput.
 
 Streams `K` batches from a shard split with `build_loader` and reports samples/s, MB/s (shard
@@ -11,6 +11,11 @@ the same date policy, scaling and collate, and reports the loader's speed-up per
 pinning a plain copy). `--s3-latency-ms MS` also streams the split from a local moto S3 server
 behind a proxy adding MS per request and reports S3 against local disk in samples/s (needs
 `moto[server]`; the server and proxy run in this process, so the S3 side's CPU-seconds include theirs).
+
+`--reader` also times the shard read path alone, in this process: every sample of the split read
+into its members by `shards.reader.read_samples` (index, seek, sha256, tar parse) and by the
+sequential reader the loader had before the per-shard index (headers parsed by hand, no digests;
+kept here as the baseline), alternating `--repeat` times, best of each, and their ratio.
 
 Per core means per CPU-second consumed (this process and its data-loader workers), so the
 figure holds on a busy machine where wall-clock rates swing with other jobs.
@@ -62,7 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--repeat",
         type=int,
         default=1,
-        help="with --s3-latency-ms: best of N alternating runs of each side (for busy machines)",
+        help="with --s3-latency-ms or --reader: best of N alternating runs of each side (for busy machines)",
+    )
+    p.add_argument(
+        "--reader",
+        action="store_true",
+        help="also time the shard read path alone: the indexed reader against the old sequential one",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=run)
@@ -215,6 +225,60 @@ def bench_loader(cfg, batches: int) -> dict[str, Any]:
     }
 
 
+def sequential_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every sample of a shard as the loader read it before the per-shard index (the baseline of
+    `--reader`): one pass over the file, each ustar header parsed by hand, no digests."""
+    from maestro import storage
+
+    key, members = None, {}
+    with storage.open_file(url) as f:
+        while True:
+            block = f.read(512)
+            if len(block) < 512 or block == bytes(512):
+                break
+            if int(block[148:156].strip(b"\0 ") or b"0", 8) != sum(block) - sum(block[148:156]) + 256:
+                raise ValueError(f"{url}: bad header checksum")
+            name = block[:100].split(b"\0", 1)[0].decode()
+            prefix = block[345:500].split(b"\0", 1)[0].decode()
+            name = f"{prefix}/{name}" if prefix else name
+            size = int(block[124:136].strip(b"\0 ") or b"0", 8)
+            k, _, suffix = name.rsplit("/", 1)[-1].partition(".")
+            if k != key:
+                if key is not None:
+                    yield key, members
+                key, members = k, {}
+            members[suffix] = f.read(size)
+            f.seek(-size % 512, 1)
+    if key is not None:
+        yield key, members
+
+
+def bench_reader(url: str, repeat: int) -> dict[str, Any]:
+    """Samples per second reading every sample of the split `url` into its members, indexed
+    (`read_samples`) against sequential (`sequential_samples`), alternating, best of `repeat`."""
+    from maestro import storage
+    from shards import manifest as manifest_io
+    from shards.reader import read_samples
+
+    shards = [storage.join(url, s["name"]) for s in manifest_io.read(url)["shards"]]
+    sides = {"indexed": read_samples, "sequential": sequential_samples}
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(repeat):
+        for side, read in sides.items():
+            start, cpu = time.perf_counter(), time.process_time()
+            n = nbytes = 0
+            for shard in shards:
+                for _, members in read(shard):
+                    n += 1
+                    nbytes += sum(map(len, members.values()))
+            rates = _rates(n, time.perf_counter() - start, time.process_time() - cpu, nbytes)
+            best[side] = _faster(best.get(side), rates)
+    return {
+        **best,
+        "indexed_vs_sequential": best["indexed"]["samples_per_s"] / best["sequential"]["samples_per_s"],
+    }
+
+
 def _faster(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
     return a if a is not None and a["samples_per_s"] >= b["samples_per_s"] else b
 
@@ -293,6 +357,8 @@ def run(args: argparse.Namespace) -> int:
                 s3 = _faster(s3, bench_loader(s3_cfg, args.batches))
         report["s3"] = {"latency_ms": args.s3_latency_ms, "repeat": args.repeat, **s3}
         report["s3_vs_local"] = report["s3"]["samples_per_s"] / report["loader"]["samples_per_s"]
+    if args.reader:
+        report["reader"] = bench_reader(args.url, args.repeat)
     if args.source and args.only != "loader":
         samples = report["loader"]["samples"] if "loader" in report else args.batches * args.batch_size
         report["source"] = bench_source(cfg, Path(args.source), args.split, samples)
@@ -311,6 +377,10 @@ def run(args: argparse.Namespace) -> int:
         if "loader" in report:
             print(f"decode {report['loader']['decode_ms_per_sample']:.2f} ms/sample, "
                   f"transforms {report['loader']['transform_ms_per_sample']:.2f} ms/sample")  # fmt: skip
+        if "reader" in report:
+            r = report["reader"]
+            print(f"read path: indexed {r['indexed']['samples_per_s']:.0f} samples/s, sequential (old) "
+                  f"{r['sequential']['samples_per_s']:.0f}: {r['indexed_vs_sequential']:.2f}x")  # fmt: skip
         if "s3_vs_local" in report:
             print(
                 f"S3 at {args.s3_latency_ms:g} ms per request vs local disk: {report['s3_vs_local']:.2f}x samples/s"

@@ -12,6 +12,10 @@ the states of every old rank, works out which samples of the epochs under way th
 (`plan.consumed`), and starts the new readers there, passing over those samples: every sample of
 the epoch is still seen exactly once, though not in the order of either layout.
 
+`data.shards` may mix splits by weight (`[{path: URL, weight: W}, ...]`): each epoch draws
+round(W × N) samples of a split of N, as the plan lays out (`plan.py`); the stream state names the
+mix, and a stream resumes only with the same one.
+
 Only what the job uses is read: pretraining decodes and ships model inputs only, an evaluation
 (`targets=True`) adds its targets. Batches travel from the workers as one buffer each
 (`arena.py`), pinned with one copy when a GPU is present. With `data.read_ahead` on S3 each worker
@@ -41,7 +45,7 @@ from maestro.data.prepare import Recipe
 from maestro.data.stream import Batching, ReaderStream
 from maestro.errors import ConfigError, DataError
 
-STATE_VERSION = 3  # 3: exclusions per shard, for this rank's shards only
+STATE_VERSION = 3  # 3: exclusions per shard (per draw with weights), for this rank's shards only
 
 
 class _ShardOrder:
@@ -55,7 +59,7 @@ class _ShardOrder:
 
     def _units(self, epoch: int) -> list[tuple[str, bool]]:
         units = self.plan.epoch_order(epoch, self.worker).units
-        return [(self.plan.shards[u.shard].url, u.stride == 1) for u in units]
+        return [(self.plan.shards[u.shard].url, u.stride == 1 and u.take < 0) for u in units]
 
     def __call__(self, url: str) -> str | None:
         now = [u for u, _ in self.units[0][self.i :]]
@@ -124,18 +128,18 @@ class Loader:
             shuffle=train,
             shuffle_buffer=cfg.data.shuffle_buffer,
         )
-        total = sum(s.samples for s in shards)
+        total = self.plan.epoch_samples
         if total < self.plan.readers:
             raise ConfigError(
                 "data.workers",
                 cfg.data.workers,
-                f"at most {total // world_size} workers per rank: {cfg.data.shards} holds {total} samples "
-                f"for {world_size} ranks",
+                f"at most {total // world_size} workers per rank: {cfg.data.shards} gives {total} samples "
+                f"an epoch for {world_size} ranks",
             )
         self.recipe = Recipe.from_config(cfg, train, targets)
         self.batching = Batching(cfg.data.batch_size, cfg.data.token_budget, dict(cfg.derived.groups))
         self.strict = cfg.data.strict
-        self.read_ahead = cfg.data.read_ahead and storage.is_s3(cfg.data.shards)
+        self.read_ahead = cfg.data.read_ahead and any(storage.is_s3(s.url) for s in shards)
         self.pin = torch.cuda.is_available()  # batches in pinned memory: one copy each (`arena.Parcel`)
         self.own_buffers = 0  # batches that found no free arena slot (the consumer held them all)
         self.epoch = 0
@@ -183,6 +187,12 @@ class Loader:
             "seed": self.plan.seed,
             "shuffle_buffer": self.plan.shuffle_buffer,
             "samples": self.plan.total,
+            # The splits' samples and weights, where any weight is not 1 (older states: none).
+            "mix": None
+            if all(w == 1 for _, _, w in self.plan.sources)
+            else [
+                [int(sum(s.samples for s in self.plan.shards[f : f + n])), w] for f, n, w in self.plan.sources
+            ],
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -207,7 +217,7 @@ class Loader:
             if state.get(key) != mine[key]:
                 raise DataError(
                     f"data stream state: '{key}' is {state.get(key)!r} but this loader has {mine[key]!r}; "
-                    "a stream resumes only over the same shards with the same seed and shuffle buffer"
+                    "a stream resumes only over the same shards with the same seed, shuffle buffer and weights"
                     + (", ranks and workers" if key in ("rank", "world_size", "workers") else "")
                 )
 
@@ -217,7 +227,9 @@ class Loader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where a stream of the same rank, ranks and workers stood."""
-        self._check(state, ("version", "rank", "world_size", "workers", "seed", "shuffle_buffer", "samples"))
+        self._check(
+            state, ("version", "rank", "world_size", "workers", "seed", "shuffle_buffer", "samples", "mix")
+        )
         self.plan = dataclasses.replace(self.plan, excluded=self._excluded(state))
         self._batches, self.epoch = int(state["batches"]), int(state["epoch"])
         self._positions = [list(map(int, p)) for p in state["positions"]]
@@ -227,7 +239,7 @@ class Loader:
         """Continue from the states of every rank of a stream (`states[r]` of rank r): exactly where
         this rank stood if the layout is this one, else re-split (see the module docstring)."""
         first = states[0]
-        self._check(first, ("version", "seed", "shuffle_buffer", "samples"))
+        self._check(first, ("version", "seed", "shuffle_buffer", "samples", "mix"))
         old_layout = (first["world_size"], first["workers"])
         if old_layout == (self.plan.world_size, self.plan.workers):
             self.load_state_dict(states[self.plan.rank])

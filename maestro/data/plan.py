@@ -1,20 +1,26 @@
-"""Who reads what, in which order: shard list, split across ranks and workers, shuffle.
+"""Who reads what, in which order: shard list, mixing of splits, split across ranks and workers, shuffle.
 
 The manifest gives every shard's sample count, so each epoch's whole read and emission order is
 computed up front, without I/O, from `(seed, epoch, rank, worker)`:
 
-- the shard list is permuted by `(seed, epoch)` (training only), identically on every rank;
-- it is dealt out to the `ranks × workers` readers (`units[g::R]`, reader `g = rank·W + worker`);
-  with fewer shards than readers each shard is cut into `k = ⌈R / S⌉` strided parts (sample `i`
-  belongs to part `i mod k`), so every reader has work and every sample still has one reader;
+- each epoch draws the shards of every split (`data.shards` entry) by its weight W: a split of N
+  samples contributes round(W·N) samples, as whole copies of each of its shards (W = 2.5: every
+  shard twice) and, for the rest, shards taken in an order permuted by `(seed, epoch)` until the
+  rest is reached, the last one in part (a subset of its samples chosen by `(seed, epoch)`): other
+  shards each epoch, whole-shard reads, nothing per sample computed. A draw is named by its key
+  `copy · S + shard` (S shards in all): with every weight 1 the keys are the shard indices;
+- the epoch's draws are permuted by `(seed, epoch)` (training only), identically on every rank;
+- they are dealt out to the `ranks × workers` readers (`units[g::R]`, reader `g = rank·W + worker`);
+  with fewer draws than readers each draw is cut into `k = ⌈R / D⌉` strided parts (its i-th
+  sample belongs to part `i mod k`), so every reader has work and every sample still has one reader;
 - a reader's samples, in file order, pass a shuffle buffer of `shuffle_buffer` slots; the
   buffer's emission order is simulated on indices, so a stream can resume at any emitted position.
 
 After a change of ranks or workers mid-epoch (an elastic restart), `excluded` holds, for each
 epoch still under way, the samples the previous layout had already consumed (`consumed`): the new
 readers deal out that epoch as usual and pass over them, so no sample of the epoch is seen twice
-or left out. Exclusions are kept per shard (sorted sample indices within it), and a rank keeps only
-those of the shards its own readers take (`shards_of`): nothing a plan holds is the size of the
+or left out. Exclusions are kept per draw (sorted sample indices within its shard), and a rank keeps
+only those of the draws its own readers take (`shards_of`): nothing a plan holds is the size of the
 archive; a reader's arrays are the size of its share.
 """
 
@@ -24,12 +30,19 @@ import base64
 import math
 import zlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from maestro import storage
+from maestro.config import shard_sources
 from maestro.errors import DataError
 from shards import manifest as manifest_io
+
+_MIX, _SUBSET = (
+    0x6D6978,
+    0x737562,
+)  # generator tags: the shards a split's rest takes, a partial draw's samples
 
 
 @dataclass(frozen=True)
@@ -39,15 +52,20 @@ class Shard:
 
     url: str
     samples: int
+    source: int = 0  # the `data.shards` entry it belongs to (its shards are listed together)
+    weight: float = 1.0  # that entry's weight
 
 
 @dataclass(frozen=True)
 class Unit:
-    """The part of a shard one reader takes: samples `offset, offset + stride, ...`."""
+    """The part of a draw one reader takes: samples `offset, offset + stride, ...` of the draw's
+    samples (all of its shard's, or the `take` chosen for a partial draw)."""
 
     shard: int
     offset: int
     stride: int
+    key: int  # the draw: copy · len(shards) + shard
+    take: int = -1  # a partial draw's sample count; -1: the whole shard
 
 
 @dataclass(frozen=True)
@@ -59,22 +77,31 @@ class EpochOrder:
 
 
 def buffer_order(count: int, slots: int, rng: np.random.Generator) -> np.ndarray:
-    """The order in which a `slots`-slot shuffle buffer emits `count` items fed in order 0..count-1."""
+    """The order in which a `slots`-slot shuffle buffer emits `count` items fed in order 0..count-1.
+
+    The buffer fills with items 0..slots-1; then item r (r >= slots) replaces the item in slot
+    `⌊u_r · slots⌋`, which leaves (u uniform, drawn once); what remains at the end leaves in a random
+    order. Item r's evictee is therefore the last earlier item written to the same slot (or the
+    slot's first item): one sort by slot computes the whole order, without a loop per item.
+    """
     if slots <= 1 or count <= 1:
         return np.arange(count)
     u = rng.random(count)
-    buf: list[int] = []
+    k = min(slots, count)
     out = np.empty(count, dtype=np.int64)
-    n = 0
-    for r in range(count):
-        if len(buf) < slots:
-            buf.append(r)
-            continue
-        j = int(u[r] * len(buf))
-        out[n], buf[j] = buf[j], r
-        n += 1
-    rest = np.array(buf, dtype=np.int64)
-    out[n:] = rest[rng.permutation(len(rest))]
+    final = np.arange(k, dtype=np.int64)  # what each slot holds at the end
+    if count > slots:
+        t = np.arange(slots, count, dtype=np.int64)  # the items that evict one
+        j = (u[slots:] * slots).astype(np.int64)  # the slot each one takes
+        by = np.lexsort((t, j))  # by slot, then in time
+        js, ts = j[by], t[by]
+        first = np.ones(len(ts), dtype=bool)
+        first[1:] = js[1:] != js[:-1]
+        out[ts - slots] = np.where(first, js, np.roll(ts, 1))
+        last = np.ones(len(ts), dtype=bool)
+        last[:-1] = first[1:]
+        final[js[last]] = ts[last]
+    out[count - k :] = final[rng.permutation(k)]
     return out
 
 
@@ -87,7 +114,7 @@ class Plan:
     workers: int  # readers per rank (data-loader workers, at least 1)
     shuffle: bool
     shuffle_buffer: int
-    # epoch -> {shard: sorted indices within the shard}, for the shards this rank's readers take
+    # epoch -> {draw key: sorted indices within its shard}, for the draws this rank's readers take
     excluded: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
 
     @property
@@ -96,28 +123,89 @@ class Plan:
 
     @property
     def total(self) -> int:
+        """Samples in the shards (each once)."""
         return sum(s.samples for s in self.shards)
 
+    @cached_property
+    def _counts(self) -> np.ndarray:
+        return np.array([s.samples for s in self.shards], dtype=np.int64)
+
+    @cached_property
+    def sources(self) -> list[tuple[int, int, float]]:
+        """(first shard, shards, weight) of each split, in the order listed."""
+        out: list[tuple[int, int, float]] = []
+        for i, s in enumerate(self.shards):
+            if out and s.source == self.shards[i - 1].source:
+                first, n, w = out[-1]
+                out[-1] = (first, n + 1, w)
+            else:
+                assert all(s.source != self.shards[f].source for f, _, _ in out), (
+                    "a split's shards are together"
+                )
+                out.append((i, 1, s.weight))
+        return out
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples an epoch draws: round(weight × samples) of each split."""
+        return sum(round(w * int(self._counts[f : f + n].sum())) for f, n, w in self.sources)
+
+    def draws(self, epoch: int) -> tuple[np.ndarray, dict[int, int]]:
+        """The keys of `epoch`'s draws, sorted, and the sample count of each partial draw (at most
+        one per split of fractional weight). Whole copies first, then the rest: the split's shards
+        in an order permuted by `(seed, epoch)`, whole until the last, which takes what remains."""
+        count = len(self.shards)
+        keys, partial = [], {}
+        for i, (first, n, weight) in enumerate(self.sources):
+            shards = np.arange(first, first + n, dtype=np.int64)
+            if weight == 1:
+                keys.append(shards)
+                continue
+            sizes = self._counts[first : first + n]
+            full, rest = divmod(round(weight * int(sizes.sum())), int(sizes.sum()))
+            keys += [c * count + shards for c in range(full)]
+            if rest:
+                order = np.random.default_rng([self.seed, epoch, _MIX, i]).permutation(n)
+                size = sizes[order]
+                take = np.minimum(size, rest - (np.cumsum(size) - size))  # <= 0: not drawn
+                drawn = take > 0
+                keys.append(full * count + shards[order][drawn])
+                if take[drawn][-1] < size[drawn][-1]:
+                    partial[int(keys[-1][-1])] = int(take[drawn][-1])
+        return np.sort(np.concatenate(keys)), partial
+
     def units(self, epoch: int, worker: int) -> list[Unit]:
-        order = np.arange(len(self.shards))
+        keys, partial = self.draws(epoch)
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        parts = max(1, math.ceil(self.readers / len(self.shards)))
-        units = [Unit(int(j), o, parts) for j in order for o in range(parts)]
-        return units[self.rank * self.workers + worker :: self.readers]
+            keys = keys[np.random.default_rng([self.seed, epoch]).permutation(len(keys))]
+        parts = max(1, math.ceil(self.readers / len(keys)))
+        mine = np.arange(self.rank * self.workers + worker, len(keys) * parts, self.readers)
+        n = len(self.shards)
+        return [
+            Unit(int(k % n), int(i % parts), parts, int(k), partial.get(int(k), -1))
+            for k, i in zip(keys[mine // parts], mine)
+        ]
 
     def shards_of(self, epoch: int) -> set[int]:
-        """The shards this rank's readers take in `epoch`."""
-        return {u.shard for w in range(self.workers) for u in self.units(epoch, w)}
+        """The draws (keys) this rank's readers take in `epoch`."""
+        return {u.key for w in range(self.workers) for u in self.units(epoch, w)}
+
+    def samples_of(self, epoch: int, unit: Unit) -> np.ndarray:
+        """The sample indices (within its shard) of a unit, in file order."""
+        n = self.shards[unit.shard].samples
+        if unit.take < 0:
+            return np.arange(unit.offset, n, unit.stride, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, epoch, _SUBSET, unit.key])
+        return np.sort(rng.choice(n, unit.take, replace=False))[unit.offset :: unit.stride]
 
     def epoch_order(self, epoch: int, worker: int) -> EpochOrder:
         units = self.units(epoch, worker)
         gone = self.excluded.get(epoch, {})
         reads = []
         for u in units:
-            index = np.arange(u.offset, self.shards[u.shard].samples, u.stride, dtype=np.int64)
-            if u.shard in gone:
-                index = index[~np.isin(index, gone[u.shard], assume_unique=True)]
+            index = self.samples_of(epoch, u)
+            if u.key in gone:
+                index = index[~np.isin(index, gone[u.key], assume_unique=True)]
             reads.append(index)
         read_unit = np.repeat(np.arange(len(units)), [len(r) for r in reads])
         read_index = np.concatenate(reads or [np.zeros(0, np.int64)])
@@ -130,8 +218,8 @@ def consumed(
     plan: Plan, positions: list[list[int]], low: int, shards: dict[int, set[int]] | None = None
 ) -> dict[int, dict[int, np.ndarray]]:
     """Samples the readers of `plan` (one rank, `positions[w] = [epoch, p, sub]` per worker) have
-    consumed in each epoch from `low` on, with `plan.excluded`: {epoch: {shard: sorted indices}},
-    kept only for the shards `shards[epoch]` if given (those a new rank takes).
+    consumed in each epoch from `low` on, with `plan.excluded`: {epoch: {draw key: sorted indices}},
+    kept only for the draws `shards[epoch]` if given (those a new rank takes).
 
     Reader w has consumed its whole share of epochs before its own, and the first `p` emissions of
     its own (a sample of several items counts once begun). Shares of later epochs are untouched.
@@ -145,7 +233,7 @@ def consumed(
         for epoch in range(low, e + 1):
             order = plan.epoch_order(epoch, w)
             taken = order.emission if epoch < e else order.emission[: p + (1 if sub else 0)]
-            shard_of = np.array([u.shard for u in order.units], dtype=np.int64)[order.read_unit[taken]]
+            shard_of = np.array([u.key for u in order.units], dtype=np.int64)[order.read_unit[taken]]
             index = order.read_index[taken]
             for s in np.unique(shard_of):
                 parts[epoch].setdefault(int(s), []).append(index[shard_of == s])
@@ -170,7 +258,7 @@ def merge(
 
 
 def pack_excluded(by_shard: dict[int, np.ndarray]) -> str:
-    """One epoch's exclusions as text for a stream state: zlib'd (shard, index) pairs, base64."""
+    """One epoch's exclusions as text for a stream state: zlib'd (draw key, index) pairs, base64."""
     pairs = [np.stack([np.full(len(x), s), x], 1) for s, x in sorted(by_shard.items())]
     flat = np.concatenate(pairs or [np.zeros((0, 2), np.int64)]).astype(np.int64)
     return base64.b64encode(zlib.compress(flat.tobytes())).decode()
@@ -214,20 +302,22 @@ def _split_shards(url: str) -> tuple[dict, list[Shard]]:
     return manifest, [Shard(storage.join(url, s["name"]), s["samples"]) for s in manifest["shards"]]
 
 
-def load_shards(urls: str | list[str]) -> tuple[dict, list[Shard]]:
-    """The manifest and shards of one split, or the shards of several (`data.shards` as a list)
-    planned as one, in the order listed, with a combined manifest: the `modalities` every split
-    holds, and `splits`, each split's own manifest."""
-    urls = [urls] if isinstance(urls, str) else list(urls)
+def load_shards(shards: str | list) -> tuple[dict, list[Shard]]:
+    """The manifest and shards of one split, or the shards of several (`data.shards` as a list,
+    each entry a URL or `{path, weight}`) planned as one, in the order listed, each shard carrying
+    its split's weight, with a combined manifest: the `modalities` every split holds, `samples`
+    (each once), and `splits`, each split's own manifest with its `weight`."""
+    sources = shard_sources(shards)
+    urls = [u for u, _ in sources]
     if len(set(map(storage.absolute, urls))) != len(urls):
         raise DataError(f"data.shards lists a split twice ({urls}); each sample would be seen twice an epoch")
-    manifests, shards = [], []
-    for url in urls:
+    manifests, out = [], []
+    for i, (url, weight) in enumerate(sources):
         manifest, more = _split_shards(url)
         manifests.append(manifest)
-        shards += more
-    if len(manifests) == 1:
-        return manifests[0], shards
+        out += [Shard(s.url, s.samples, i, weight) for s in more]
+    if isinstance(shards, str):
+        return manifests[0], out
     first = {k: v for k, v in manifests[0].items() if k != "shards"}
     common = {
         m: spec for m, spec in first["modalities"].items() if all(m in x["modalities"] for x in manifests)
@@ -235,6 +325,7 @@ def load_shards(urls: str | list[str]) -> tuple[dict, list[Shard]]:
     return {
         **first,
         "modalities": common,
-        "samples": sum(s.samples for s in shards),
-        "splits": manifests,
-    }, shards
+        "samples": sum(s.samples for s in out),
+        "shards": [s for m in manifests for s in m["shards"]],
+        "splits": [{**m, "weight": w} for m, (_, w) in zip(manifests, sources)],
+    }, out

@@ -131,12 +131,12 @@ class ReaderStream:
             order = plan.epoch_order(epoch, self.worker)
             produced = False
             for p, r, key, got in self._emitted(order, p0):
-                shard_i = order.units[int(order.read_unit[r])].shard
+                unit = order.units[int(order.read_unit[r])]
                 index = int(order.read_index[r])
-                shard = plan.shards[shard_i]
+                shard = plan.shards[unit.shard]
                 where = f"{shard.url} sample '{key}'"
-                if not isinstance(got, _Failed):
-                    rng = np.random.default_rng([plan.seed, epoch, plan.rank, self.worker, shard_i, index])
+                if not isinstance(got, _Failed):  # (the draw's key: each copy of a sample its own crop)
+                    rng = np.random.default_rng([plan.seed, epoch, plan.rank, self.worker, unit.key, index])
                     try:
                         sample = decode(key, needed(got, self.recipe, where), f"{shard.url} ")
                         check_values(sample, self._specs, f"{shard.url} ")

@@ -30,7 +30,7 @@ def read_manifest(urls: str | list[str]) -> dict[str, Any]:
             urls,
             "a shard folder or s3:// URL, or a list of them (make one with `maestro shards synth` or `convert`)",
         )
-    for url in [urls] if isinstance(urls, str) else urls:
+    for url, _ in config.shard_sources(urls):
         where = storage.join(url, "manifest.json")
         try:
             found = storage.exists(where)

@@ -80,7 +80,11 @@ def _precision(deepspeed: dict[str, Any]) -> str:
 
 def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
     out = flat({k: v for k, v in resolved.items() if k != "derived"})
-    out["data.shards"] = storage.absolute(out["data.shards"]) if out.get("data.shards") else ""
+    shards = out.get("data.shards")
+    if isinstance(shards, list):  # splits, some weighted: compared split by split
+        out["data.shards"] = [[storage.absolute(u), w] for u, w in config.shard_sources(shards)]
+    else:
+        out["data.shards"] = storage.absolute(shards) if shards else ""
     out[PRECISION] = _precision(resolved.get("derived", {}).get("deepspeed", {}))
     return out
 
