@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import zlib
 from typing import Any
 
 from maestro import storage
@@ -32,11 +33,12 @@ def _index_shard(url: str, cfg: Config, stats: Statistics, problems: list[str]) 
     where = f"shard '{name}'"
     specs = {m: dataclasses.asdict(s) for m, s in cfg.derived.modalities.items()}
     scanned = build_index(url, digests=False)
-    digests = []
+    digests, crcs = [], []
     with HashingCursor(url) as cur:
         for i, key in enumerate(scanned.keys):
             data = sample_bytes(cur, scanned, i, where)
             digests.append(hashlib.sha256(data).hexdigest())
+            crcs.append(zlib.crc32(data))
             try:
                 sample = decode(key, parse_sample(data, int(scanned.offsets[i]), key, where), f"{where} ")
                 check_values(sample, specs, f"{where} ")
@@ -45,7 +47,7 @@ def _index_shard(url: str, cfg: Config, stats: Statistics, problems: list[str]) 
                 continue
             stats.add(sample)
         cur.finish()
-    index = ShardIndex(name, scanned.keys, scanned.offsets, scanned.sizes, digests, scanned.end)
+    index = ShardIndex(name, scanned.keys, scanned.offsets, scanned.sizes, digests, scanned.end, crcs)
     data = write_index(url, index)
     return {
         "name": name,

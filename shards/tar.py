@@ -236,15 +236,23 @@ def buffer_reader(data: bytes | memoryview, base: int = 0) -> Callable[[int, int
 
 
 def parse_sample(data: bytes, offset: int, key: str, where: str) -> dict[str, bytes]:
-    """{suffix: bytes} of the sample whose bytes `data` start at archive offset `offset`.
+    """{suffix: bytes} of the sample whose bytes `data` start at archive offset `offset`
+    (`sample_members` over a buffer)."""
+    return sample_members(buffer_reader(data, offset), offset, offset + len(data), key, where)
+
+
+def sample_members(
+    read_at: Callable[[int, int], bytes], offset: int, end: int, key: str, where: str
+) -> dict[str, bytes]:
+    """{suffix: bytes} of the sample at archive bytes `[offset, end)`, read through `read_at`
+    (headers and members in file order, each member's data in one read).
 
     Refuses (DataError naming the sample) a damaged header, a member that is not a regular file,
     a member of another key, a name without a suffix and a suffix seen twice.
     """
     at = f"{where} sample '{key}'"
     out: dict[str, bytes] = {}
-    read_at = buffer_reader(data, offset)
-    for m in members(read_at, at, offset, offset + len(data)):
+    for m in members(read_at, at, offset, end):
         if isinstance(m, Damage):
             raise DataError(f"{at}: corrupt tar header at byte {m.start}; refusing the sample")
         if m.directory:

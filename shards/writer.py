@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import multiprocessing
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -121,7 +122,8 @@ class ShardWriter:
         self.bytes_written = 0
         self._out: _HashingWriter | None = None
         self._raw: IO[bytes] | None = None
-        self._rows: list[tuple[str, int, int, str]] = []  # this shard's (key, offset, size, sha256)
+        # This shard's (key, offset, size, sha256, crc32).
+        self._rows: list[tuple[str, int, int, str, int]] = []
         self._seen: set[str] = set()
         self._prepare(overwrite)
 
@@ -150,7 +152,9 @@ class ShardWriter:
             self._close_shard()
         if self._out is None:
             self._open_shard()
-        self._rows.append((sample.key, self._out.bytes, len(data), hashlib.sha256(data).hexdigest()))
+        self._rows.append(
+            (sample.key, self._out.bytes, len(data), hashlib.sha256(data).hexdigest(), zlib.crc32(data))
+        )
         self._out.write(data)
         self._seen.add(sample.key)
         self.samples += 1
@@ -177,8 +181,8 @@ class ShardWriter:
         self._raw.close()
         entry = self.shards[-1]
         url = storage.join(self.url, entry["name"])
-        keys, offsets, sizes, digests = (list(c) for c in zip(*self._rows))
-        index = ShardIndex(entry["name"], keys, np.array(offsets), np.array(sizes), digests, end)
+        keys, offsets, sizes, digests, crcs = (list(c) for c in zip(*self._rows))
+        index = ShardIndex(entry["name"], keys, np.array(offsets), np.array(sizes), digests, end, crcs)
         data = write_index(url, index)
         entry.update(samples=len(keys), bytes=self._out.bytes, sha256=self._out.sha.hexdigest())
         entry["index"] = {

@@ -3,9 +3,11 @@ manifest versions, and damaged tars read without losing more than the damaged sa
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +95,10 @@ def test_index_holds_offsets_sizes_and_digests_of_each_sample(tmp_path):
     shard = f"{url}/train-000000.tar"
     stored = read_index(shard)
     built = build_index(shard)
-    assert stored.keys == built.keys and stored.digests == built.digests
+    assert stored.keys == built.keys and stored.digests == built.digests and stored.crcs == built.crcs
+    body = Path(shard).read_bytes()
+    for o, n, sha, crc in zip(stored.offsets, stored.sizes, stored.digests, stored.crcs):
+        assert hashlib.sha256(body[o : o + n]).hexdigest() == sha and zlib.crc32(body[o : o + n]) == crc
     assert np.array_equal(stored.offsets, built.offsets) and np.array_equal(stored.sizes, built.sizes)
     assert stored.offsets[0] == 0 and np.array_equal(
         stored.offsets[1:], stored.offsets[:-1] + stored.sizes[:-1]
@@ -104,6 +109,20 @@ def test_index_holds_offsets_sizes_and_digests_of_each_sample(tmp_path):
     doc = json.loads(Path(index_url(shard)).read_text())
     assert doc["format"] == "maestro-shard-index" and doc["shard"] == "train-000000.tar"
     assert [r[0] for r in doc["samples"]] == stored.keys
+
+
+def test_version_1_index_still_reads_and_its_samples_are_checked_by_sha256(tmp_path):
+    url = write(tmp_path, samples(3))
+    shard = f"{url}/train-000000.tar"
+    doc = json.loads(Path(index_url(shard)).read_text())
+    doc["version"], doc["samples"] = 1, [r[:4] for r in doc["samples"]]
+    Path(index_url(shard)).write_text(json.dumps(doc))
+    index = read_index(shard)
+    assert index.crcs is None and len(index.digests) == 3
+    _flip(Path(shard), int(index.offsets[1]) + 2000)
+    got = dict(reader.read_samples(shard))
+    assert isinstance(got[index.keys[1]], DataError) and "sha256 of bytes" in str(got[index.keys[1]])
+    assert all(isinstance(got[k], dict) for k in (index.keys[0], index.keys[2]))
 
 
 def test_version_1_manifest_still_reads_and_verifies(tmp_path):
@@ -127,7 +146,7 @@ def test_flipped_byte_fails_only_its_sample(tmp_path):
     index = read_index(f"{url}/train-000000.tar")
     _flip(Path(url) / "train-000000.tar", int(index.offsets[1]) + 2000)
     got = dict(reader.read_samples(f"{url}/train-000000.tar"))
-    assert isinstance(got[index.keys[1]], DataError) and "sha256" in str(got[index.keys[1]])
+    assert isinstance(got[index.keys[1]], DataError) and "crc32 of bytes" in str(got[index.keys[1]])
     assert all(isinstance(got[k], dict) for k in (index.keys[0], index.keys[2]))
 
 
@@ -140,7 +159,9 @@ def test_corrupt_header_costs_only_its_sample(tmp_path, indexed):
     _flip(Path(url) / "train-000000.tar", int(index.offsets[1]) + 1)  # the name field of its first header
     got = dict(reader.read_samples(f"{url}/train-000000.tar"))
     assert isinstance(got[index.keys[1]], DataError)
-    assert "corrupt tar header" in str(got[index.keys[1]]) or "sha256" in str(got[index.keys[1]])
+    assert "corrupt tar header" in str(got[index.keys[1]]) or "differs from the index" in str(
+        got[index.keys[1]]
+    )
     assert all(isinstance(got[k], dict) for k in (index.keys[0], index.keys[2]))
     assert verify(url)["problems"] and all(
         index.keys[1] in p or "sha256" in p for p in verify(url)["problems"]
