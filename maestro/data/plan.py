@@ -93,7 +93,7 @@ def buffer_order(count: int, slots: int, rng: np.random.Generator) -> np.ndarray
     if count > slots:
         t = np.arange(slots, count, dtype=np.int64)  # the items that evict one
         j = (u[slots:] * slots).astype(np.int64)  # the slot each one takes
-        by = np.lexsort((t, j))  # by slot, then in time
+        by = np.argsort(j.astype(np.uint16) if slots <= 2**16 else j, kind="stable")  # by slot, then in time
         js, ts = j[by], t[by]
         first = np.ones(len(ts), dtype=bool)
         first[1:] = js[1:] != js[:-1]
@@ -233,10 +233,15 @@ def consumed(
         for epoch in range(low, e + 1):
             order = plan.epoch_order(epoch, w)
             taken = order.emission if epoch < e else order.emission[: p + (1 if sub else 0)]
-            shard_of = np.array([u.key for u in order.units], dtype=np.int64)[order.read_unit[taken]]
+            key = np.array([u.key for u in order.units], dtype=np.int64)[order.read_unit[taken]]
             index = order.read_index[taken]
-            for s in np.unique(shard_of):
-                parts[epoch].setdefault(int(s), []).append(index[shard_of == s])
+            if shards is not None:  # only what the new rank keeps
+                keep = np.isin(key, np.fromiter(shards[epoch], np.int64, len(shards[epoch])))
+                key, index = key[keep], index[keep]
+            by = np.argsort(key, kind="stable")
+            draws, starts = np.unique(key[by], return_index=True)
+            for s, x in zip(draws.tolist(), np.split(index[by], starts[1:])):
+                parts[epoch].setdefault(s, []).append(x)
     return {
         e: {
             s: np.unique(np.concatenate(xs)) for s, xs in by_shard.items() if shards is None or s in shards[e]
