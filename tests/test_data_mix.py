@@ -80,6 +80,9 @@ def test_buffer_order_is_the_buffer_run_item_by_item(count, slots):
     got = buffer_order(count, slots, np.random.default_rng([count, slots]))
     np.testing.assert_array_equal(got, _reference_buffer(count, slots, np.random.default_rng([count, slots])))
     assert sorted(got.tolist()) == list(range(count))
+    for limit in {0, 1, count // 2, max(0, count - slots), count - 1, count, count + 3}:  # a prefix alone
+        part = buffer_order(count, slots, np.random.default_rng([count, slots]), max(0, limit))
+        np.testing.assert_array_equal(part, got[: max(0, limit)])
 
 
 def test_each_epoch_draws_every_split_by_its_weight():

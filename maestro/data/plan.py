@@ -76,23 +76,26 @@ class EpochOrder:
     emission: np.ndarray  # (M,) read positions in the order they leave the shuffle buffer
 
 
-def buffer_order(count: int, slots: int, rng: np.random.Generator) -> np.ndarray:
-    """The order in which a `slots`-slot shuffle buffer emits `count` items fed in order 0..count-1.
+def buffer_order(count: int, slots: int, rng: np.random.Generator, limit: int | None = None) -> np.ndarray:
+    """The order in which a `slots`-slot shuffle buffer emits `count` items fed in order 0..count-1
+    (with `limit`, its first `limit` emissions only, computed from the first items only).
 
     The buffer fills with items 0..slots-1; then item r (r >= slots) replaces the item in slot
     `⌊u_r · slots⌋`, which leaves (u uniform, drawn once); what remains at the end leaves in a random
     order. Item r's evictee is therefore the last earlier item written to the same slot (or the
     slot's first item): one sort by slot computes the whole order, without a loop per item.
     """
+    limit = count if limit is None else min(limit, count)
     if slots <= 1 or count <= 1:
-        return np.arange(count)
+        return np.arange(limit)
     u = rng.random(count)
     k = min(slots, count)
-    out = np.empty(count, dtype=np.int64)
-    final = np.arange(k, dtype=np.int64)  # what each slot holds at the end
-    if count > slots:
-        t = np.arange(slots, count, dtype=np.int64)  # the items that evict one
-        j = (u[slots:] * slots).astype(np.int64)  # the slot each one takes
+    evictions = count - k if limit > count - k else limit  # the evictions to simulate
+    out = np.empty(limit, dtype=np.int64)
+    final = np.arange(k, dtype=np.int64)  # what each slot holds after them
+    if evictions:
+        t = np.arange(slots, slots + evictions, dtype=np.int64)  # the items that evict one
+        j = (u[slots : slots + evictions] * slots).astype(np.int64)  # the slot each one takes
         by = np.argsort(j.astype(np.uint16) if slots <= 2**16 else j, kind="stable")  # by slot, then in time
         js, ts = j[by], t[by]
         first = np.ones(len(ts), dtype=bool)
@@ -101,7 +104,8 @@ def buffer_order(count: int, slots: int, rng: np.random.Generator) -> np.ndarray
         last = np.ones(len(ts), dtype=bool)
         last[:-1] = first[1:]
         final[js[last]] = ts[last]
-    out[count - k :] = final[rng.permutation(k)]
+    if limit > count - k:
+        out[count - k :] = final[rng.permutation(k)][: limit - (count - k)]
     return out
 
 
@@ -198,7 +202,8 @@ class Plan:
         rng = np.random.default_rng([self.seed, epoch, _SUBSET, unit.key])
         return np.sort(rng.choice(n, unit.take, replace=False))[unit.offset :: unit.stride]
 
-    def epoch_order(self, epoch: int, worker: int) -> EpochOrder:
+    def epoch_order(self, epoch: int, worker: int, limit: int | None = None) -> EpochOrder:
+        """A reader's epoch (with `limit`: only the first `limit` emissions, for `consumed`)."""
         units = self.units(epoch, worker)
         gone = self.excluded.get(epoch, {})
         reads = []
@@ -211,7 +216,7 @@ class Plan:
         read_index = np.concatenate(reads or [np.zeros(0, np.int64)])
         slots = self.shuffle_buffer if self.shuffle else 0
         rng = np.random.default_rng([self.seed, epoch, self.rank, worker, 1])
-        return EpochOrder(units, read_unit, read_index, buffer_order(len(read_unit), slots, rng))
+        return EpochOrder(units, read_unit, read_index, buffer_order(len(read_unit), slots, rng, limit))
 
 
 def consumed(
@@ -231,8 +236,8 @@ def consumed(
             parts[e].setdefault(s, []).append(x)
     for w, (e, p, sub) in enumerate(positions):
         for epoch in range(low, e + 1):
-            order = plan.epoch_order(epoch, w)
-            taken = order.emission if epoch < e else order.emission[: p + (1 if sub else 0)]
+            order = plan.epoch_order(epoch, w, None if epoch < e else p + (1 if sub else 0))
+            taken = order.emission
             key = np.array([u.key for u in order.units], dtype=np.int64)[order.read_unit[taken]]
             index = order.read_index[taken]
             if shards is not None:  # only what the new rank keeps
