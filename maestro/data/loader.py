@@ -187,12 +187,7 @@ class Loader:
             "seed": self.plan.seed,
             "shuffle_buffer": self.plan.shuffle_buffer,
             "samples": self.plan.total,
-            # The splits' samples and weights, where any weight is not 1 (older states: none).
-            "mix": None
-            if all(w == 1 for _, _, w in self.plan.sources)
-            else [
-                [int(sum(s.samples for s in self.plan.shards[f : f + n])), w] for f, n, w in self.plan.sources
-            ],
+            "mix": self.plan.mix,  # None with every weight 1 (and in states from before weights)
         }
 
     def state_dict(self) -> dict[str, Any]:

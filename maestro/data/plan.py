@@ -137,17 +137,18 @@ class Plan:
     @cached_property
     def sources(self) -> list[tuple[int, int, float]]:
         """(first shard, shards, weight) of each split, in the order listed."""
-        out: list[tuple[int, int, float]] = []
-        for i, s in enumerate(self.shards):
-            if out and s.source == self.shards[i - 1].source:
-                first, n, w = out[-1]
-                out[-1] = (first, n + 1, w)
-            else:
-                assert all(s.source != self.shards[f].source for f, _, _ in out), (
-                    "a split's shards are together"
-                )
-                out.append((i, 1, s.weight))
-        return out
+        ids = np.array([s.source for s in self.shards], dtype=np.int64)
+        firsts = np.flatnonzero(np.diff(ids, prepend=-1))  # where a split's run of shards starts
+        assert len(np.unique(ids)) == len(firsts), "a split's shards are listed together"
+        ends = np.append(firsts[1:], len(ids))
+        return [(int(f), int(e - f), self.shards[f].weight) for f, e in zip(firsts, ends)]
+
+    @property
+    def mix(self) -> list[list] | None:
+        """[samples, weight] of each split where any weight is not 1, else None."""
+        if all(w == 1 for _, _, w in self.sources):
+            return None
+        return [[int(self._counts[f : f + n].sum()), w] for f, n, w in self.sources]
 
     @property
     def epoch_samples(self) -> int:
