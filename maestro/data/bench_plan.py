@@ -32,7 +32,7 @@ def rss():
 url, rank, ranks, workers, old_ranks, old_workers = sys.argv[1], *map(int, sys.argv[2:7])
 base = rss(); t = time.perf_counter()
 from maestro.data.plan import Plan, load_shards
-_, shards = load_shards(url)
+shards = load_shards(url)[1]  # (the manifest dropped, as the loader does)
 plan = Plan(shards, seed=0, rank=rank, world_size=ranks, workers=workers, shuffle=True, shuffle_buffer=512)
 loaded = rss()
 orders = [plan.epoch_order(0, w) for w in range(workers)]

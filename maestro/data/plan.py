@@ -45,7 +45,7 @@ _MIX, _SUBSET = (
 )  # generator tags: the shards a split's rest takes, a partial draw's samples
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Shard:
     """A shard as the plan sees it: its samples are positions 0..samples-1, in file order (their
     keys and byte ranges are in the shard's index, read only by the reader of the shard)."""
@@ -56,7 +56,7 @@ class Shard:
     weight: float = 1.0  # that entry's weight
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     """The part of a draw one reader takes: samples `offset, offset + stride, ...` of the draw's
     samples (all of its shard's, or the `take` chosen for a partial draw)."""
