@@ -60,7 +60,8 @@ def _everything(key: str) -> bool:
 
 
 def sample_bytes(cur: Cursor, index: ShardIndex, i: int, where: str) -> bytes:
-    """The bytes of sample `i`, checked against the index's digest (DataError if they differ)."""
+    """The bytes of sample `i` in one read, checked against the index's sha256 and crc32 (DataError
+    if either differs): what verify reads."""
     offset, size, key = int(index.offsets[i]), int(index.sizes[i]), index.keys[i]
     data = cur.read_at(offset, size)
     if len(data) < size:
@@ -70,6 +71,11 @@ def sample_bytes(cur: Cursor, index: ShardIndex, i: int, where: str) -> bytes:
     if index.digests is not None and hashlib.sha256(data).hexdigest() != index.digests[i]:
         raise DataError(
             f"{where} sample '{key}': sha256 of bytes {offset}..{offset + size} differs from the index; the shard is damaged"
+        )
+    if index.crcs is not None and zlib.crc32(data) != index.crcs[i]:
+        raise DataError(
+            f"{where} sample '{key}': crc32 of bytes {offset}..{offset + size} differs from the index "
+            "(its sha256 agrees: the index is wrong); rebuild it with `maestro shards index`"
         )
     return data
 

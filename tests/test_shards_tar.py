@@ -285,10 +285,12 @@ def test_verify_names_a_missing_or_altered_index(tmp_path):
     index = Path(index_url(f"{url}/train-000001.tar"))
     doc = json.loads(index.read_text())
     doc["samples"][0][3] = "0" * 64
+    doc["samples"][1][4] ^= 1  # a crc32 the loader would refuse the sample for
     index.write_text(json.dumps(doc))
     problems = verify(url)["problems"]
     assert any("index 'train-000001.index.json' differs" in p for p in problems)
     assert any("sha256" in p and doc["samples"][0][0] in p for p in problems)
+    assert any("crc32" in p and doc["samples"][1][0] in p for p in problems)
     assert all("train-000001" in p for p in problems)
     index.unlink()
     assert verify(url)["problems"] == [
