@@ -249,6 +249,7 @@ def test_manifest_that_does_not_match_the_shards_is_an_error_at_start(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-1024])
     with pytest.raises(DataError, match="manifest says"):
         build_loader(_cfg(url))
+    build_loader(_cfg(url), rank=1, world_size=2)  # rank 0 lists the shards and checks; others do not
     shard.unlink()
     with pytest.raises(DataError, match="missing"):
         build_loader(_cfg(url))

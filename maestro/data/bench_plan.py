@@ -3,8 +3,8 @@ start-up cost of the loader's plan against the archive's size.
 
 Writes a synthetic version-2 manifest of N/shard-samples shards (or S shards) with sparse
 (truncated, empty) shard files of the listed sizes, so `load_shards` lists and checks the folder as
-at a real start, then in a fresh process loads the shards, builds the rank's plan and each
-worker's epoch order, and reports manifest bytes, the start-up seconds and resident memory (VmRSS)
+at rank 0's start (the other ranks skip the listing), then in a fresh process loads the shards,
+builds the rank's plan and each worker's epoch order, and reports manifest bytes, the start-up seconds and resident memory (VmRSS)
 before and after; then, again and one by one, the seconds of listing the folder (`storage.file_sizes`),
 reading the manifest, `load_shards` (both, and the checks) and building the plan and orders.
 

@@ -111,7 +111,9 @@ class Loader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside a world of {world_size}")
         storage.configure(**dataclasses.asdict(cfg.storage))  # before workers start: they inherit it
-        manifest, shards = load_shards(cfg.data.shards)
+        # Rank 0 checks the manifests against a listing of the shards (one per split: on S3 a
+        # request per 1,000 objects); the other ranks read the manifests only.
+        manifest, shards = load_shards(cfg.data.shards, check=rank == 0)
         stored = set(manifest["modalities"])
         for name in cfg.derived.modalities:
             if name not in stored:

@@ -287,9 +287,8 @@ def held_bytes(plan: Plan) -> int:
     return sum(x.nbytes for by_shard in plan.excluded.values() for x in by_shard.values())
 
 
-def _split_shards(url: str) -> tuple[dict, list[Shard]]:
-    """One split's manifest and shards, checked against what the folder/prefix really holds."""
-    manifest = manifest_io.read(url)
+def _check_listing(url: str, manifest: dict) -> None:
+    """The manifest against what the folder/prefix really holds (one listing, paginated on S3)."""
     listing = storage.file_sizes(url)
     listed = {s["name"] for s in manifest["shards"]}
     where = manifest_io.url_of(url)
@@ -308,25 +307,27 @@ def _split_shards(url: str) -> tuple[dict, list[Shard]]:
         raise DataError(
             f"{where}: shards {extra[:5]} are not in the manifest; the split is mixed with another one"
         )
-    if not manifest["shards"]:
-        raise DataError(f"{where}: lists no shards")
-    return manifest, [Shard(storage.join(url, s["name"]), s["samples"]) for s in manifest["shards"]]
 
 
-def load_shards(shards: str | list) -> tuple[dict, list[Shard]]:
+def load_shards(shards: str | list, check: bool = True) -> tuple[dict, list[Shard]]:
     """The manifest and shards of one split, or the shards of several (`data.shards` as a list,
     each entry a URL or `{path, weight}`) planned as one, in the order listed, each shard carrying
     its split's weight, with a combined manifest: the `modalities` every split holds, `samples`
-    (each once), and `splits`, each split's own manifest with its `weight`."""
+    (each once), and `splits`, each split's own manifest with its `weight`. With `check`, each
+    manifest is checked against a listing of its split (the loader of rank 0 does, and preflight)."""
     sources = shard_sources(shards)
     urls = [u for u, _ in sources]
     if len(set(map(storage.absolute, urls))) != len(urls):
         raise DataError(f"data.shards lists a split twice ({urls}); each sample would be seen twice an epoch")
     manifests, out = [], []
     for i, (url, weight) in enumerate(sources):
-        manifest, more = _split_shards(url)
+        manifest = manifest_io.read(url)
+        if not manifest["shards"]:
+            raise DataError(f"{manifest_io.url_of(url)}: lists no shards")
+        if check:
+            _check_listing(url, manifest)
         manifests.append(manifest)
-        out += [Shard(s.url, s.samples, i, weight) for s in more]
+        out += [Shard(storage.join(url, s["name"]), s["samples"], i, weight) for s in manifest["shards"]]
     if isinstance(shards, str):
         return manifests[0], out
     first = {k: v for k, v in manifests[0].items() if k != "shards"}
