@@ -22,13 +22,14 @@ and bad samples stop the split with a message naming the sample and the array, o
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from maestro import storage
 from maestro.config import Config, load
@@ -36,7 +37,7 @@ from maestro.errors import DataError
 from maestro.modalities import ModalitySpec, TargetSpec, validate_modality
 from shards.schema import Sample, sample_key
 from shards.synth import raw_channels
-from shards.writer import DEFAULT_SHARD_BYTES, Bad, ShardWriter
+from shards.writer import DEFAULT_SHARD_BYTES, ShardWriter, write_split
 
 FIELDS = ("id", "arrays", "dates", "valid", "labels", "meta")
 YEARS = (1900, 2200)
@@ -179,14 +180,23 @@ def write_samples(
         shard_samples=shard_samples,
         overwrite=overwrite,
     )
-    with writer, tqdm(unit="sample", desc=f"{dataset}/{split}", disable=not progress) as bar:
-        for i, raw in enumerate(samples):
-            try:
-                writer.add(to_sample(raw, specs, split, f"sample {i}: "))
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                sid = raw.get("id") if isinstance(raw, Mapping) else None
-                writer.skip(Bad(str(sid or f"sample {i}"), str(e)))
-            bar.update()
-        return writer.close()
+    read = functools.partial(_read, specs=specs, split=split)
+    numbered = (_Numbered(i, raw) for i, raw in enumerate(samples))
+    return write_split(writer, read, numbered, skip_bad=skip_bad, progress=progress)
+
+
+@dataclass(frozen=True)
+class _Numbered:
+    """The `index`-th sample mapping given to `write_samples`; `sample_id` names it if it is bad."""
+
+    index: int
+    raw: Any
+
+    @property
+    def sample_id(self) -> str:
+        sid = self.raw.get("id") if isinstance(self.raw, Mapping) else None
+        return str(sid or f"sample {self.index}")
+
+
+def _read(item: _Numbered, specs: dict[str, ModalitySpec], split: str) -> Sample:
+    return to_sample(item.raw, specs, split, f"sample {item.index}: ")

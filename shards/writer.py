@@ -15,7 +15,7 @@ import hashlib
 import multiprocessing
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import IO, Any
 
 import numpy as np
@@ -238,7 +238,7 @@ def _read_guarded(args: tuple[Callable[[Any], Sample], Any, bool]) -> Sample | B
 
 
 def _read_all(
-    read: Callable[[Any], Sample], items: list[Any], workers: int, skip_bad: bool
+    read: Callable[[Any], Sample], items: Iterable[Any], workers: int, skip_bad: bool
 ) -> Iterator[Sample | Bad]:
     jobs = ((read, item, skip_bad) for item in items)
     if workers <= 1:
@@ -259,13 +259,17 @@ def write_split(
 ) -> dict[str, Any]:
     """Read every item with `read` (in `workers` processes, results in item order) and write them.
 
-    `read` is a module-level function (picklable) mapping an item to a Sample, raising DataError
-    for bad input. With `skip_bad`, such samples are counted and listed in the manifest; without,
-    the first one stops the split, which then has no manifest.
+    `read` maps an item to a Sample, raising DataError for bad input (a module-level function, so
+    it pickles, when `workers > 1`); a bad sample is named by the item's `sample_id` (else the item
+    itself). With `skip_bad`, such samples are counted and listed in the manifest; without, the
+    first one stops the split, which then has no manifest. With one worker, `items` is read one at
+    a time (a generator stays a generator).
     """
-    items = list(items)
+    if workers > 1:
+        items = list(items)
+    total = len(items) if isinstance(items, Sized) else None
     start = time.perf_counter()
-    bar = tqdm(total=len(items), unit="sample", desc=f"{writer.dataset}/{writer.split}", disable=not progress)
+    bar = tqdm(total=total, unit="sample", desc=f"{writer.dataset}/{writer.split}", disable=not progress)
     with writer, bar:
         for got in _read_all(read, items, workers, skip_bad):
             if isinstance(got, Bad):

@@ -146,6 +146,66 @@ def clean_group_env_module():
         yield
 
 
+class StopAt:
+    """An `on_step` hook: Ctrl-C on rank 0 after `step` (the run checkpoints there and returns)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, step: int, engine, batches) -> None:
+        import signal
+
+        if step == self.step and torch.distributed.get_rank() == 0:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _rank(rank: int, world: int, store_file: str, raw: dict, out: str, stop: int | None) -> None:
+    """One rank of a `world`-rank group in a spawned process: a launcher's part, then `train`."""
+    import json
+
+    from maestro import config
+    from maestro.parallel import dist
+    from maestro.train.loop import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.skip_shm_op_build()
+    store = torch.distributed.FileStore(store_file, world)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    summary = train(config.from_dict(raw), on_step=None if stop is None else StopAt(stop))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
+
+
+def spawn_ranks(cfg, tmp_path: Path, stop: int | None = None) -> dict:
+    """Train `cfg` on `run.workers` spawned ranks (real DeepSpeed on gloo over a FileStore, no Ray:
+    the launcher's part is tested through Ray elsewhere); rank 0's summary. `stop`: Ctrl-C after
+    that step."""
+    import json
+    import multiprocessing
+
+    world = cfg.run.workers
+    work = tmp_path / f"group-{len(list(tmp_path.glob('group-*')))}"
+    work.mkdir()
+    raw = {k: v for k, v in cfg.to_dict().items() if k != "derived"}
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_rank, args=(r, world, str(work / "store"), raw, str(work), stop))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0] * world
+    return json.loads((work / "rank0.json").read_text())
+
+
+@pytest.fixture(name="spawn_ranks")
+def _spawn_ranks_fixture():
+    """`spawn_ranks(cfg, tmp_path, stop=None)`: train on `run.workers` spawned gloo ranks."""
+    return spawn_ranks
+
+
 # --- small model configs and synthetic model batches ---------------------------------------------
 
 # TreeSatAI-TS at `model.size=debug` with a 3×3-token aerial image: every model test well under a

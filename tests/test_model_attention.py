@@ -130,19 +130,20 @@ def test_model_backends_agree_on_cuda_in_bf16(small_config, make_batch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.skipif(attention_module.varlen_attn is None, reason="needs torch.nn.attention.varlen")
 def test_sdpa_on_packed_rows_runs_torch_varlen_and_matches_math_with_gradients(monkeypatch):
+    varlen = attention_module.torch_varlen()
+    if varlen is None:
+        pytest.skip("needs torch.nn.attention.varlen (torch >= 2.10)")
     lengths = [5, 1, 33, 17, 64]
     packing = Packing.from_lengths(torch.tensor(lengths, device="cuda"))
     assert packing.uniform is None
     calls = []
-    varlen = attention_module.varlen_attn
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
         return varlen(*args, **kwargs)
 
-    monkeypatch.setattr(attention_module, "varlen_attn", counted)
+    monkeypatch.setattr(attention_module, "torch_varlen", lambda: counted)
     results = {}
     for backend in ("sdpa", "math"):
         q, k, v = (
@@ -154,3 +155,15 @@ def test_sdpa_on_packed_rows_runs_torch_varlen_and_matches_math_with_gradients(m
     assert len(calls) == 1  # sdpa took the variable-length kernel, math the padded reference
     for got, want in zip(results["sdpa"], results["math"]):
         torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
+def test_importing_the_model_does_not_load_torch_dynamo():
+    """Commands that build no optimizer (shards, info, embed, export) import
+    the model: `torch.nn.attention.varlen`, which only CUDA half-precision packed rows need, would
+    load torch._dynamo there (about a second of each start)."""
+    import subprocess
+    import sys
+
+    code = "import sys, maestro.train.loop; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr

@@ -1,6 +1,7 @@
 """The README's own-sensor example, run as written: the YAML, the Python that writes the split, the
 folder conversion, then `maestro shards verify`, `maestro pretrain` (a 4-step debug-size run on
-one CPU worker, through Ray and DeepSpeed) and the TensorBoard folder it names."""
+one CPU worker, through Ray and DeepSpeed: what it prints is the quiet terminal a user sees) and the
+TensorBoard folder it names."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def _examples() -> dict[str, str]:
 
 
 def _run(line: str, cwd: Path) -> str:
-    """A README command line, with `maestro`/`python` from this interpreter and this checkout."""
+    """A README command line, with `maestro`/`python` from this interpreter and this checkout: what
+    it printed (stdout, then stderr)."""
     args = shlex.split(line.split("#")[0])
     if args[0] == "maestro":
         args = [sys.executable, "-m", "maestro.cli", *args[1:]]
@@ -36,7 +38,7 @@ def _run(line: str, cwd: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, (line, done.stdout[-3000:], done.stderr[-3000:])
-    return done.stdout
+    return done.stdout + done.stderr
 
 
 def _as_folders(split_url: str, root: Path) -> None:
@@ -79,5 +81,18 @@ def test_readme_own_sensor_example_runs_as_written(tmp_path):
         out = _run(line, api)
     logdir = api / lines[-1].split("--logdir ")[1].strip()
     assert "finished at step 4" in out and str(logdir) in out
+    # `maestro pretrain` (its own local Ray, 4 steps on one worker) keeps the terminal quiet: the
+    # banner (which says the stage that runs: 0 on one worker), progress and the summary, no colour
+    # codes, at most 15 lines; the libraries' output is in RUN/logs.
+    printed = out.strip().splitlines()
+    assert len(printed) <= 15, out
+    assert printed[0] == f"maestro pretrain: run {api / 'runs' / 'planet'}", printed[0]
+    assert any("ZeRO 0, fp32" in line for line in printed), printed
+    assert [line.split()[1] for line in printed if line.startswith("step ")] == ["2/4", "4/4"]
+    assert printed[-1].startswith("finished at step 4")
+    assert "\x1b[" not in out
+    logs = api / "runs" / "planet" / "logs"
+    assert "Started a local Ray instance" in (logs / "driver.log").read_text()
+    assert any(p.name.startswith("worker-") for p in (logs / "ray").iterdir())
     assert list(logdir.glob("events.out.tfevents.*"))
     assert json.loads((api / "runs/planet/summary.json").read_text())

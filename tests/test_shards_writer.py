@@ -127,6 +127,22 @@ def test_bad_samples_skipped_or_fatal(tmp_path):
     assert Bad("x", "y").sample_id == "x"
 
 
+def test_one_worker_reads_a_generator_one_sample_at_a_time(tmp_path):
+    """`shards.own.write_samples` hands its caller's generator to `write_split`: each sample is
+    written before the next one is asked for, so a split larger than memory streams through."""
+    writer = _writer(str(tmp_path / "a"))
+    seen = []
+
+    def items():
+        for i in (0, 2, 3):
+            seen.append(writer.samples)
+            yield i
+
+    m = write_split(writer, _read_or_fail, items())
+    assert m["samples"] == 3
+    assert seen == [0, 1, 2]  # each written before the generator is asked for the next
+
+
 def test_parallel_workers_give_identical_shards(tmp_path):
     one = write_synthetic(str(tmp_path / "one"), "treesatai_ts", 6, sizes=SMALL, shard_samples=4)
     two = write_synthetic(str(tmp_path / "two"), "treesatai_ts", 6, sizes=SMALL, shard_samples=4, workers=2)

@@ -7,40 +7,24 @@ import signal
 
 import pytest
 import torch
+from conftest import SMALL_TRAIN
 
 from maestro import cli, config
 from maestro.errors import Diverged
 from maestro.train import checkpoint, resume
 from maestro.train.loop import train
 
-SMALL = [
-    "model.size=debug",
-    "model.inter_depth=1",
-    "data.modalities.aerial.image_size=60",
-    "data.modalities.s2.num_dates=4",
-    "data.modalities.s1_asc.num_dates=2",
-    "data.modalities.s1_des.num_dates=2",
-    "data.batch_size=2",
-    "data.workers=1",
-    "run.workers=1",
-    "optim.base_lr=0.002",
-    "data.inputs=[aerial,s2]",
-    "train.steps=4",
-    "train.log_every=1",
-    "train.image_every=3",
-]
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    from shards.synth import write_synthetic
-
-    root = tmp_path_factory.mktemp("archive")
-    write_synthetic(str(root), "treesatai_ts", samples=16, seed=0, max_dates=4, shard_samples=4)
-    return str(root / "train")
+# The shared small run (conftest's SMALL_TRAIN) with a data-loader process and images at step 3,
+# periodic checkpoints as the demo's unless a test sets them.
+SMALL = [*SMALL_TRAIN, "data.workers=1", "train.image_every=3", "train.checkpoint_every=50"]
 
 
 pytestmark = pytest.mark.usefixtures("clean_group_env")
+
+
+@pytest.fixture
+def archive(train_archive):
+    return train_archive
 
 
 def _cfg(archive, tmp_path, name, *extra):

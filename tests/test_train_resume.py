@@ -5,16 +5,11 @@ FileStore), including the demo's bf16 ZeRO-2 engine path on CPU.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
 import os
-import signal
-from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from conftest import small_train_config
+from conftest import StopAt, small_train_config, spawn_ranks
 
 from maestro import config
 from maestro.errors import CheckpointError
@@ -22,17 +17,6 @@ from maestro.train import checkpoint, resume
 from maestro.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("clean_group_env")
-
-
-class StopAt:
-    """Ctrl-C on rank 0 after `step`: the run writes a checkpoint there and returns."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def __call__(self, step: int, engine, batches) -> None:
-        if step == self.step and torch.distributed.get_rank() == 0:
-            signal.raise_signal(signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -91,45 +75,6 @@ def test_changed_accumulation_and_logging_are_accepted_and_printed(small_run, tm
     assert saved["train"]["grad_accum"] == 2  # written once the resume was accepted
 
 
-def _rank(rank: int, world: int, store_file: str, raw: dict, out: str, stop: int | None) -> None:
-    """One rank of a `world`-rank group in a spawned process: a launcher's part, then `train`."""
-    from maestro.parallel import dist
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.skip_shm_op_build()
-    store = torch.distributed.FileStore(store_file, world)
-    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    summary = train(config.from_dict(raw), on_step=None if stop is None else StopAt(stop))
-    Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
-
-
-def _ranks(cfg, tmp_path, stop: int | None = None) -> dict:
-    """Train `cfg` on `run.workers` spawned ranks; rank 0's summary."""
-    world = cfg.run.workers
-    work = Path(tempfile_dir(tmp_path))
-    raw = {k: v for k, v in cfg.to_dict().items() if k != "derived"}
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_rank, args=(r, world, str(work / "store"), raw, str(work), stop))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    assert [p.exitcode for p in procs] == [0] * world
-    return json.loads((work / "rank0.json").read_text())
-
-
-def tempfile_dir(tmp_path) -> str:
-    """A fresh folder for one group's store and summaries."""
-    n = len(list(tmp_path.glob("group-*")))
-    path = tmp_path / f"group-{n}"
-    path.mkdir()
-    return str(path)
-
-
 def _what(summary: dict) -> dict:
     return {k: summary[k] for k in ("stage", "precision", "optimizer", "global_batch", "workers")}
 
@@ -142,7 +87,7 @@ def test_one_worker_run_resumes_on_two_and_back_on_one(small_run, tmp_path):
     assert train(cfg, on_step=StopAt(2))["step"] == 2
     two = small_run("grow", "train.steps=6", "run.workers=2")
     assert resume.what_runs(two, str(tmp_path / "grow"))["stage"] == 0
-    grown = _ranks(two, tmp_path, stop=4)
+    grown = spawn_ranks(two, tmp_path, stop=4)
     assert (grown["start_step"], grown["step"], grown["stopped"]) == (2, 4, True)
     assert _what(grown) == resume.what_runs(two, str(tmp_path / "grow")) | {"workers": 2}
     files = set(os.listdir(tmp_path / "grow" / checkpoint.tag(4)))
@@ -175,7 +120,7 @@ def test_demo_bf16_engine_on_two_workers_resumes_on_one_and_two_again(stage, tmp
         "train.image_every=100",
     ]
     two = config.load("configs/demo.yaml", [*base, "run.workers=2"])
-    first = _ranks(two, tmp_path, stop=2)
+    first = spawn_ranks(two, tmp_path, stop=2)
     assert (first["step"], first["stopped"]) == (2, True)
     optimizer = "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"
     assert _what(first) == {
@@ -195,6 +140,6 @@ def test_demo_bf16_engine_on_two_workers_resumes_on_one_and_two_again(stage, tmp
     saved = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())
     assert saved["derived"]["deepspeed"]["zero_optimization"]["stage"] == stage  # what ran, not 0
     assert saved["derived"]["global_batch"] == 2
-    last = _ranks(two, tmp_path)
+    last = spawn_ranks(two, tmp_path)
     assert (last["start_step"], last["step"], last["stopped"]) == (3, 4, False)
     assert checkpoint.CheckpointStore(str(tmp_path / "demo"), keep=3).complete_steps() == [2, 3, 4]

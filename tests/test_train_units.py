@@ -277,3 +277,9 @@ def test_to_device_moves_inputs_as_they_are_and_keeps_host_keys_behind():
     assert set(out) == {"dem", "dem_dates"}
     assert out["dem"].dtype == torch.float32 and out["dem"].var() > 0
     assert torch.equal(out["dem"], dem) and out["dem_dates"].dtype == torch.int64
+    # The per-sample date counts the model reads on the host stay there (no device-to-host copy
+    # in every padded step); the arrays go to the device.
+    batch["dem_ndates"] = torch.tensor([1])
+    out = to_device(batch, torch.device("meta"))
+    assert out["dem"].is_meta and out["dem_dates"].is_meta
+    assert out["dem_ndates"].device.type == "cpu" and out["dem_ndates"].tolist() == [1]

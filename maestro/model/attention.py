@@ -17,6 +17,7 @@ path runs whichever kernel PyTorch picks; `sdpa_kernel(name)` forces one of `sdp
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -28,11 +29,6 @@ from torch.nn.attention import SDPBackend
 from torch.nn.attention import sdpa_kernel as _sdpa_kernel
 
 from maestro.errors import ConfigError
-
-try:  # PyTorch's variable-length attention (torch >= 2.10)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:  # older torch: packed rows take the padded SDPA path
-    varlen_attn = None
 
 BACKENDS = ("flash", "sdpa", "math")
 HALF = (torch.float16, torch.bfloat16)
@@ -78,6 +74,18 @@ class Packing:
     @property
     def num_seqs(self) -> int:
         return self.cu_seqlens.numel() - 1
+
+
+@functools.cache
+def torch_varlen() -> Callable | None:
+    """PyTorch's variable-length attention (torch >= 2.10), imported on first use: its module
+    loads torch._dynamo (about a second of every process start), which CPU processes never need.
+    None on older torch: packed rows take the padded SDPA path."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
 
 
 def flash_varlen() -> Callable | None:
@@ -166,8 +174,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, packing: Packing, backend: str = 
     if packing.uniform is not None:
         qs, ks, vs = (rearrange(t, "(s l) h d -> s h l d", l=packing.uniform) for t in (q, k, v))
         return rearrange(_dense(qs, ks, vs, None, backend), "s h l d -> (s l) h d")
-    if backend == "sdpa" and varlen_attn is not None and q.is_cuda and q.dtype in HALF:
-        return varlen_attn(q, k, v, cu, cu, longest, longest)
+    if backend == "sdpa" and q.is_cuda and q.dtype in HALF and (varlen := torch_varlen()) is not None:
+        return varlen(q, k, v, cu, cu, longest, longest)
     slot, keep = _slots(packing, q.shape[0], q.device)
     qs, ks, vs = (_pad(t, slot, packing) for t in (q, k, v))
     out = rearrange(_dense(qs, ks, vs, keep, backend), "s h l d -> (s l) h d")

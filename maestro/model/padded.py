@@ -111,11 +111,17 @@ def _sample_positions(groups: int, dates: int, tokens_per_date: int, held: int) 
     return ((g * dates + t) * tokens_per_date + np.arange(tokens_per_date)).ravel()
 
 
+# Inputs the model reads on the host (per-sample date counts of a padded batch, to build index
+# arrays): a training step passes them as the loader made them, so no step waits on a device copy.
+HOST_INPUT_SUFFIXES = ("_ndates",)
+
+
 def padding_of(
     batch: dict[str, Tensor], specs: dict[str, ModalitySpec], members: dict[str, list[str]]
 ) -> Padding:
-    """The padding of a padded batch, for sequence keys `members` (key -> modalities); reading
-    `MOD_ndates` is one small device-to-host copy."""
+    """The padding of a padded batch, for sequence keys `members` (key -> modalities). `MOD_ndates`
+    is read on the host (`HOST_INPUT_SUFFIXES`): free from the loader, one small copy if a caller
+    put it on the device."""
     b = batch["ref_date"].shape[0]
     device = batch["ref_date"].device
 

@@ -35,6 +35,7 @@ import torch
 from maestro import config, storage
 from maestro.config import Config
 from maestro.errors import Diverged
+from maestro.model import padded
 from maestro.model.ema import EMA
 from maestro.parallel import dist
 from maestro.parallel.deepspeed import build_engine, local_shards
@@ -65,9 +66,12 @@ def mask_seed(seed: int, step: int, rank: int, micro: int) -> int:
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Model inputs to the device as they are (the model casts what it computes with, so targets
-    and their statistics come from the loader's own values); loader bookkeeping (`_` keys) stays."""
+    and their statistics come from the loader's own values), except those the model reads on the
+    host (`padded.HOST_INPUT_SUFFIXES`); loader bookkeeping (`_` keys) stays behind."""
     return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        k: v.to(device, non_blocking=True)
+        if isinstance(v, torch.Tensor) and not k.endswith(padded.HOST_INPUT_SUFFIXES)
+        else v
         for k, v in batch.items()
         if not k.startswith("_")
     }
