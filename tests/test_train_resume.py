@@ -143,3 +143,33 @@ def test_demo_bf16_engine_on_two_workers_resumes_on_one_and_two_again(stage, tmp
     last = spawn_ranks(two, tmp_path)
     assert (last["start_step"], last["step"], last["stopped"]) == (3, 4, False)
     assert checkpoint.CheckpointStore(str(tmp_path / "demo"), keep=3).complete_steps() == [2, 3, 4]
+
+
+def test_a_weighted_mix_of_splits_resumes_exactly_and_keeps_its_weights(train_archive, tmp_path):
+    """`data.shards` as weighted splits: a run stopped at step 2 resumes to the curve of an
+    uninterrupted one; other weights on resume are refused (they change what an epoch holds)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from shards.synth import write_synthetic
+
+    write_synthetic(str(tmp_path / "b"), "treesatai_ts", samples=8, seed=1, max_dates=4, shard_samples=4)
+    mix = f"data.shards=[{{path: {train_archive}, weight: 0.5}}, {{path: {tmp_path / 'b' / 'train'}, weight: 2}}]"
+
+    def run(name, *extra):
+        return small_train_config(train_archive, tmp_path, name, mix, "train.steps=5", *extra)
+
+    def losses(name):
+        acc = EventAccumulator(str(tmp_path / name / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+        return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+    whole = train(run("whole"))
+    assert whole["step"] == 5
+    assert train(run("cut"), on_step=StopAt(2))["step"] == 2
+    other = mix.replace("weight: 2}", "weight: 1}")
+    with pytest.raises(CheckpointError, match=r"other values of data\.shards"):
+        train(small_train_config(train_archive, tmp_path, "cut", other, "train.steps=5"))
+    resumed = train(run("cut"))
+    assert (resumed["start_step"], resumed["step"]) == (2, 5)
+    a, b = losses("whole"), losses("cut")
+    assert sorted(b) == sorted(a) == [1, 2, 3, 4, 5]
+    assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], rel=1e-5)

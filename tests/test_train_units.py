@@ -3,6 +3,7 @@ on a stand-in module in one process."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -74,6 +75,26 @@ def test_one_cycle_schedule_and_adamw_follow_the_reference():
     assert lrs[0] == pytest.approx(peak / 1000)
     assert max(lrs) == pytest.approx(peak, rel=1e-3) and lrs.index(max(lrs)) in (19, 20)
     assert lrs[-1] == pytest.approx(peak / 1e7, rel=1e-3)
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_one_cycle_schedule_where_warm_up_is_one_step(steps):
+    """`optim.pct_start × train.steps == 1` (5 steps at the default 0.2): torch's OneCycleLR would
+    divide 0 by 0 at step 0; the schedule has no warm-up (as shorter runs), the peak at step 0,
+    then the cosine decay to the same end as any other."""
+    cfg = _cfg(f"train.steps={steps}", f"optim.pct_start={1 / steps}")
+    opt = optim.build_optimizer(cfg, StandIn())
+    sched = optim.build_schedule(cfg, opt)
+    lrs = []
+    for step in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if step < steps - 1:
+            sched.step()
+    peak = cfg.derived.lr
+    assert lrs[0] == pytest.approx(peak, rel=1e-6)
+    assert lrs[-1] == pytest.approx(peak / 1e7, rel=1e-3)
+    assert all(a > b for a, b in itertools.pairwise(lrs))  # cosine decay from the peak
 
 
 def test_weight_decay_exclusions_leave_matrices_decayed():

@@ -9,6 +9,8 @@ steps from `lr / div_factor`, cosine annealing to `lr / final_factor`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from maestro import config
@@ -39,11 +41,17 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.AdamW:
 
 def build_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.OneCycleLR:
     o = cfg.optim
+    pct_start = o.pct_start
+    if pct_start * cfg.train.steps == 1.0:
+        # torch's warm-up phase would end at step 0 and divide 0 by 0 there (train.steps=5 at the
+        # default 0.2). A hair less is what shorter runs get (4 steps start at 95% of the peak):
+        # no warm-up, the peak at step 0, then the cosine decay.
+        pct_start = math.nextafter(pct_start, 0.0)
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=cfg.derived.lr,
         total_steps=cfg.train.steps,
-        pct_start=o.pct_start,
+        pct_start=pct_start,
         anneal_strategy="cos",
         cycle_momentum=False,
         div_factor=o.div_factor,
