@@ -61,21 +61,39 @@ def comparable(results):
     return {k: v for k, v in results.items() if k != "run"}
 
 
+def last_checkpoint(folder):
+    """The module weights and EMA of a phase's newest checkpoint."""
+    from maestro.eval.weights import read_run
+    from maestro.train.checkpoint import decode
+
+    step = max(p for p in folder.glob("checkpoint_*") if (p / "COMPLETE").exists())
+    return read_run(str(folder)), decode((step / "ema.pt").read_bytes())["shadow"], step.name
+
+
+def curve(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
 def test_an_interrupted_finetune_resumes_to_the_results_and_weights_of_an_uninterrupted_one(
     treesatai_shards, tmp_path, capsys
 ):
     whole = run_phase(finetune_config(treesatai_shards, tmp_path, "whole"), "finetune")
     cfg = finetune_config(treesatai_shards, tmp_path, "cut")
     folder = tmp_path / "cut" / "finetune"
-    # Killed in the last step the whole run took, before its validation: when that run stopped
-    # early, the checkpoint before holds a moved early-stopping counter and an older best.
-    k = whole["steps"]
-    with pytest.raises(Interrupted):
-        run_phase(cfg, "finetune", on_step=interrupt_at(k))
-    assert not (folder / "results.json").exists()
-    saved = sorted(p.name for p in folder.glob("checkpoint_*") if (p / "COMPLETE").exists())
-    assert saved[-1] == f"checkpoint_{k - 1:08d}"
-    assert (folder / saved[-1] / "phase.pt").exists() and (folder / saved[-1] / "ema.pt").exists()
+    # Killed twice: in step 4, mid-epoch (two training samples, batches of one), and in the last
+    # step the whole run took, before its validation (when that run stopped early, the checkpoint
+    # before holds a moved early-stopping counter and an older best).
+    cuts = sorted({4, whole["steps"]})
+    for k in cuts:
+        with pytest.raises(Interrupted):
+            run_phase(cfg, "finetune", on_step=interrupt_at(k))
+        assert not (folder / "results.json").exists()
+        saved = sorted(p.name for p in folder.glob("checkpoint_*") if (p / "COMPLETE").exists())
+        assert saved[-1] == f"checkpoint_{k - 1:08d}"
+        assert (folder / saved[-1] / "phase.pt").exists() and (folder / saved[-1] / "ema.pt").exists()
 
     # A changed setting the phase runs with is refused, as pretraining refuses one, and writes nothing.
     before = (folder / "config.yaml").read_text()
@@ -86,7 +104,7 @@ def test_an_interrupted_finetune_resumes_to_the_results_and_weights_of_an_uninte
 
     capsys.readouterr()
     resumed = run_phase(cfg, "finetune")
-    assert f"resumed from {folder}/checkpoint_{k - 1:08d}" in capsys.readouterr().out
+    assert f"resumed from {folder}/checkpoint_{cuts[-1] - 1:08d}" in capsys.readouterr().out
     assert comparable(resumed) == comparable(whole)
     assert json.loads((folder / "results.json").read_text()) == resumed
     a, b = (
@@ -96,6 +114,16 @@ def test_an_interrupted_finetune_resumes_to_the_results_and_weights_of_an_uninte
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    # The last state too: trained weights, EMA, and the validation curve (EMA weights) step by step.
+    (wa, ea, sa), (wb, eb, sb) = last_checkpoint(tmp_path / "whole" / "finetune"), last_checkpoint(folder)
+    assert sa == sb and wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+    for x, y in zip(eb, ea, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    for tag in ("eval/finetune/val_ap", "eval/finetune/train_loss"):
+        want, got = curve(tmp_path / "whole" / "finetune", tag), curve(folder, tag)
+        assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-5)
 
     # A finished phase is not run again: it says so and keeps its results and weights.
     stamp = (folder / "best.safetensors").stat().st_mtime_ns
