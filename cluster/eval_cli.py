@@ -53,7 +53,7 @@ def _overrides_and_out(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def _phase(cfg: Any, phase: str) -> dict[str, Any]:
     from cluster.launch import launch
-    from maestro.eval.phase import MAX_STAGE, RESULTS, changeable, finished, phase_config, worker_entry
+    from maestro.eval.phase import RESULTS, changeable, finished, phase_config, worker_entry
     from maestro.train import resume
     from maestro.train.loop import run_url
 
@@ -66,18 +66,26 @@ def _phase(cfg: Any, phase: str) -> dict[str, Any]:
     # A resume the phase's checkpoint refuses stops before any worker starts.
     for note in resume.check_config(pcfg, url, changeable(phase)):
         print(f"{phase}: resuming with a changed setting: {note}", flush=True)
-    runs = resume.what_runs(pcfg, url)
-    capped = (
-        f" (train.zero_stage={cfg.train.zero_stage}: phases run at most ZeRO-{MAX_STAGE}, README 'Evaluation')"
-        if cfg.train.zero_stage > MAX_STAGE
-        else ""
-    )
-    print(
-        f"{phase}: {pcfg.train.steps} steps from {pcfg.model.init} -> {url}; ZeRO stage {runs['stage']}{capped}, "
-        f"{runs['precision']}, {runs['optimizer']}, global batch {runs['global_batch']}, {runs['workers']} worker(s)",
-        flush=True,
-    )
+    print(banner(cfg, pcfg, phase), flush=True)
     return launch(pcfg, train_fn=functools.partial(worker_entry, phase=phase))
+
+
+def banner(cfg: Any, pcfg: Any, phase: str) -> str:
+    """What phase config `pcfg` (of `cfg`) runs: steps, weights, folder, and `resume.what_runs`
+    (a resumed phase keeps its checkpoint's ZeRO stage; phases run at most `MAX_STAGE`)."""
+    from maestro.eval.phase import MAX_STAGE
+    from maestro.train import resume
+    from maestro.train.loop import run_url
+
+    url = run_url(pcfg)
+    runs = resume.what_runs(pcfg, url)
+    capped = ""
+    if cfg.train.zero_stage > MAX_STAGE:
+        capped = f" (train.zero_stage={cfg.train.zero_stage}: phases run at most ZeRO-{MAX_STAGE}, README 'Evaluation')"
+    return (
+        f"{phase}: {pcfg.train.steps} steps from {pcfg.model.init} -> {url}; ZeRO stage {runs['stage']}{capped}, "
+        f"{runs['precision']}, {runs['optimizer']}, global batch {runs['global_batch']}, {runs['workers']} worker(s)"
+    )
 
 
 def run_phases(args: argparse.Namespace, phase: str) -> int:
