@@ -34,8 +34,8 @@ ZeRO-3 is not used: `phase_config` caps the stage at 2, and the banner, the save
 results (`what_runs`) say the stage that runs. Under ZeRO-3 every forward gathers parameters
 collectively, so all ranks must run the same number of forwards, while a deterministic,
 complete evaluation pass gives ranks unequal shares of a split; the best weights, the EMA and
-`best.safetensors` would need gathering too. A phase's parameters (at most `large`, about 0.3 B,
-0.6 GB in bf16) fit on every rank; ZeRO-2 still partitions the gradients and optimizer state.
+`best.safetensors` would need gathering too. A phase's parameters (at most `large`, 0.9 B,
+1.8 GB in bf16) fit on every rank; ZeRO-2 still partitions the gradients and optimizer state.
 """
 
 from __future__ import annotations
