@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("clean_group_env")
 STEPS = 6
 
 
-def finetune_config(shards, runs, name, *extra):
+def finetune_config(shards, runs, name, *extra, phase="finetune"):
     return phase_config(
         config.from_dict(
             {},
@@ -38,10 +38,12 @@ def finetune_config(shards, runs, name, *extra):
                 "eval.val_every=1",
                 "eval.patience=2",
                 "eval.finetune_base_lr=0.001",
+                "eval.probe_steps=3",
+                "eval.probe_base_lr=0.01",
                 *extra,
             ],
         ),
-        "finetune",
+        phase,
     )
 
 
@@ -132,3 +134,28 @@ def test_an_interrupted_finetune_resumes_to_the_results_and_weights_of_an_uninte
     assert (folder / "best.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(CheckpointError, match="cannot resume"):
         run_phase(changed, "finetune")
+
+
+def test_an_interrupted_probe_resumes_to_the_heads_of_an_uninterrupted_one(treesatai_shards, tmp_path):
+    whole = run_phase(finetune_config(treesatai_shards, tmp_path, "whole", phase="probe"), "probe")
+    cfg = finetune_config(treesatai_shards, tmp_path, "cut", phase="probe")
+    with pytest.raises(Interrupted):
+        run_phase(cfg, "probe", on_step=interrupt_at(3))
+    resumed = run_phase(cfg, "probe")
+    assert comparable(resumed) == comparable(whole) and resumed["steps"] == 3
+    a = load_file(tmp_path / "whole" / "probe" / "best.safetensors")
+    b = load_file(tmp_path / "cut" / "probe" / "best.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    # A finished probe: the fine-tune recipe may change (it is not run again), eval.val_every not.
+    assert (
+        run_phase(
+            finetune_config(treesatai_shards, tmp_path, "cut", "eval.finetune_steps=9", phase="probe"),
+            "probe",
+        )
+        == resumed
+    )
+    with pytest.raises(CheckpointError, match=r"eval\.val_every"):
+        run_phase(
+            finetune_config(treesatai_shards, tmp_path, "cut", "eval.val_every=2", phase="probe"), "probe"
+        )
