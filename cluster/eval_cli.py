@@ -2,7 +2,8 @@
 
 `probe` and `finetune` run one phase through Ray Train (`cluster.launch`) as `RUN/PHASE`;
 `evaluate` chains pretrain → probe → fine-tune as the reference's `main.py` (pretraining is
-skipped when `model.init` names weights, and a phase with a results file is not run again).
+skipped when `model.init` names weights). A rerun resumes an interrupted phase from its newest
+complete checkpoint; a phase with a results file is not run again.
 `embed` writes per-sample embeddings to GeoParquet; `export` the encoder alone as safetensors.
 """
 
@@ -52,19 +53,39 @@ def _overrides_and_out(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def _phase(cfg: Any, phase: str) -> dict[str, Any]:
     from cluster.launch import launch
-    from maestro import storage
-    from maestro.eval.phase import RESULTS, phase_config, worker_entry
+    from maestro.eval.phase import RESULTS, changeable, finished, phase_config, worker_entry
+    from maestro.train import resume
     from maestro.train.loop import run_url
 
-    done = storage.join(run_url(cfg), phase, RESULTS)
-    if storage.exists(done):
-        import json
-
-        print(f"{phase}: already done ({done})", flush=True)
-        return json.loads(storage.read_bytes(done))
     pcfg = phase_config(cfg, phase)
-    print(f"{phase}: {pcfg.train.steps} steps from {pcfg.model.init} -> {run_url(pcfg)}", flush=True)
+    url = run_url(pcfg)
+    done = finished(pcfg, phase)
+    if done is not None:
+        print(f"{phase}: already done ({url}/{RESULTS}); not run again", flush=True)
+        return done
+    # A resume the phase's checkpoint refuses stops before any worker starts.
+    for note in resume.check_config(pcfg, url, changeable(phase)):
+        print(f"{phase}: resuming with a changed setting: {note}", flush=True)
+    print(banner(cfg, pcfg, phase), flush=True)
     return launch(pcfg, train_fn=functools.partial(worker_entry, phase=phase))
+
+
+def banner(cfg: Any, pcfg: Any, phase: str) -> str:
+    """What phase config `pcfg` (of `cfg`) runs: steps, weights, folder, and `resume.what_runs`
+    (a resumed phase keeps its checkpoint's ZeRO stage; phases run at most `MAX_STAGE`)."""
+    from maestro.eval.phase import MAX_STAGE
+    from maestro.train import resume
+    from maestro.train.loop import run_url
+
+    url = run_url(pcfg)
+    runs = resume.what_runs(pcfg, url)
+    capped = ""
+    if cfg.train.zero_stage > MAX_STAGE:
+        capped = f" (train.zero_stage={cfg.train.zero_stage}: phases run at most ZeRO-{MAX_STAGE}, README 'Evaluation')"
+    return (
+        f"{phase}: {pcfg.train.steps} steps from {pcfg.model.init} -> {url}; ZeRO stage {runs['stage']}{capped}, "
+        f"{runs['precision']}, {runs['optimizer']}, global batch {runs['global_batch']}, {runs['workers']} worker(s)"
+    )
 
 
 def run_phases(args: argparse.Namespace, phase: str) -> int:

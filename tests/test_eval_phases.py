@@ -62,6 +62,7 @@ def test_probe_trains_the_heads_of_the_pretrained_encoder_and_scores_val_and_tes
     results = json.loads((folder / "probe" / "results.json").read_text())
     assert results == probe
     assert results["init"] == str(folder) and results["target"] == "treesat_mlc_thresh"
+    assert results["what_runs"]["stage"] == 0  # one worker: nothing to partition
     for split in ("val", "test"):
         assert set(results[split]) >= {"weighted_f1", "macro_f1", "ap", "overall_accuracy", "miou"}
         assert 0 <= results[split]["overall_accuracy"] <= 1
@@ -185,3 +186,25 @@ def test_a_phase_without_weights_to_start_from_is_refused_before_it_starts(trees
     )
     with pytest.raises(CheckpointError, match="no such file"):
         phase_config(missing, "probe")
+
+
+def test_phases_run_at_most_zero_2_and_say_so(treesatai_shards, tmp_path):
+    from cluster.eval_cli import banner
+    from maestro.train import resume
+    from maestro.train.loop import run_url
+
+    cfg = config.from_dict(
+        {},
+        [
+            *small(treesatai_shards, tmp_path),
+            "run.name=z",
+            "model.init=random",
+            "train.zero_stage=3",
+            "run.workers=2",
+        ],
+    )
+    pcfg = phase_config(cfg, "finetune")
+    assert pcfg.train.zero_stage == 2 and pcfg.derived.deepspeed["zero_optimization"]["stage"] == 2
+    assert resume.what_runs(pcfg, run_url(pcfg))["stage"] == 2
+    line = banner(cfg, pcfg, "finetune")
+    assert "ZeRO stage 2 (train.zero_stage=3: phases run at most ZeRO-2" in line and "2 worker(s)" in line

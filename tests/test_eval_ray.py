@@ -57,3 +57,9 @@ def test_evaluate_chains_pretrain_probe_finetune_on_ray(treesatai_shards, tmp_pa
     assert cli.main(args[:-1]) == 0
     text = capsys.readouterr().out
     assert "probe: already done" in text and "finetune: already done" in text
+    # So does each phase's own command (`maestro probe`, `maestro finetune`: the same path).
+    for phase in ("probe", "finetune"):
+        assert cli.main([phase, *args[1:]]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert f"{phase}: already done" in lines[0]
+        assert json.loads(next(ln for ln in lines if ln.startswith("{")))[phase] == out[phase]

@@ -89,13 +89,16 @@ def _comparable(resolved: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def compare(saved: dict[str, Any], cfg: Config, where: str) -> list[str]:
+def compare(
+    saved: dict[str, Any], cfg: Config, where: str, changeable: tuple[str, ...] = CHANGEABLE
+) -> list[str]:
     """The changes from the checkpoint's resolved config `saved` to `cfg` that a resume accepts
-    ("key old → new"); raises `CheckpointError` naming every key that cannot change. Keys present on
+    ("key old → new"); raises `CheckpointError` naming every key that cannot change (all but the
+    prefixes `changeable`: pretraining's `CHANGEABLE`, or a downstream phase's own). Keys present on
     one side only (added or removed by a maestro upgrade) are not compared."""
     old, new = _comparable(saved), _comparable(cfg.to_dict())
     changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
-    fixed = [k for k in changed if not k.startswith(CHANGEABLE)]
+    fixed = [k for k in changed if not k.startswith(changeable)]
     if fixed:
         raise CheckpointError(
             f"cannot resume {where} with other values of {', '.join(fixed)}: it was trained with "
@@ -105,17 +108,20 @@ def compare(saved: dict[str, Any], cfg: Config, where: str) -> list[str]:
     return [f"{k} {old[k]} → {new[k]}" for k in changed]
 
 
-def check_config(cfg: Config, url: str) -> list[str]:
+def check_config(cfg: Config, url: str, changeable: tuple[str, ...] = CHANGEABLE) -> list[str]:
     """`compare` against the newest complete checkpoint of run folder `url`, if any: for the
     launcher, so that a refused resume stops before any worker starts (read-only)."""
     store = checkpoint.CheckpointStore(url, cfg.train.keep_checkpoints)
     latest = store.latest()
     if latest is None:
         return []
-    return compare(yaml.safe_load(store.read(latest, "config.yaml")), cfg, f"{url}/{checkpoint.tag(latest)}")
+    saved = yaml.safe_load(store.read(latest, "config.yaml"))
+    return compare(saved, cfg, f"{url}/{checkpoint.tag(latest)}", changeable)
 
 
-def _decide(cfg: Config, store: checkpoint.CheckpointStore, world_size: int) -> Plan | None:
+def _decide(
+    cfg: Config, store: checkpoint.CheckpointStore, world_size: int, changeable: tuple[str, ...]
+) -> Plan | None:
     """Rank 0's part of `plan`."""
     store.remove_partial()
     steps = store.complete_steps()
@@ -138,7 +144,7 @@ def _decide(cfg: Config, store: checkpoint.CheckpointStore, world_size: int) -> 
     where = f"{store.url}/{checkpoint.tag(step)}"
     if notes:
         notes.append(f"resuming from {where}, the newest checkpoint whose files verify")
-    changes = compare(yaml.safe_load(store.read(step, "config.yaml")), cfg, where)
+    changes = compare(yaml.safe_load(store.read(step, "config.yaml")), cfg, where, changeable)
     if changes:
         notes.append(f"resuming {where} with changed settings: {'; '.join(changes)}")
     state = json.loads(store.read(step, "state.json"))
@@ -154,14 +160,20 @@ def _decide(cfg: Config, store: checkpoint.CheckpointStore, world_size: int) -> 
     return Plan(step, state, stage, universal, tuple(notes))
 
 
-def plan(cfg: Config, store: checkpoint.CheckpointStore, rank: int, world_size: int) -> Plan | None:
+def plan(
+    cfg: Config,
+    store: checkpoint.CheckpointStore,
+    rank: int,
+    world_size: int,
+    changeable: tuple[str, ...] = CHANGEABLE,
+) -> Plan | None:
     """The checkpoint this run resumes from (None: a fresh run), decided by rank 0 for every rank
-    (every rank calls this); a refusal is raised on every rank."""
+    (every rank calls this); a refusal is raised on every rank. `changeable`: as in `compare`."""
     decided: list[Any] = [None]
     error: MaestroError | None = None
     if rank == 0:
         try:
-            decided = [_decide(cfg, store, world_size)]
+            decided = [_decide(cfg, store, world_size, changeable)]
         except MaestroError as e:
             error, decided = e, [("refused", str(e))]
     torch.distributed.broadcast_object_list(decided, src=0)
