@@ -88,6 +88,28 @@ def banner(cfg: Any, pcfg: Any, phase: str) -> str:
     )
 
 
+def pretrained(cfg: Any) -> dict[str, Any] | None:
+    """The summary of `cfg`'s pretraining run if it has finished (its newest complete checkpoint
+    and its summary at `train.steps`), else None: `evaluate` then starts no worker group for it."""
+    import json
+
+    from maestro import storage
+    from maestro.train import checkpoint
+    from maestro.train.loop import SUMMARY_FILE, run_url
+
+    url = run_url(cfg)
+    summary_url = storage.join(url, SUMMARY_FILE)
+    if checkpoint.CheckpointStore(url, cfg.train.keep_checkpoints).latest() != cfg.train.steps:
+        return None
+    if not storage.exists(summary_url):
+        return None
+    summary = json.loads(storage.read_bytes(summary_url))
+    if summary.get("step") != cfg.train.steps or summary.get("stopped"):
+        return None
+    print(f"pretrain: already done ({url}, step {cfg.train.steps}); not run again", flush=True)
+    return summary
+
+
 def run_phases(args: argparse.Namespace, phase: str) -> int:
     from maestro import config
     from maestro.cli import print_json
@@ -99,8 +121,8 @@ def run_phases(args: argparse.Namespace, phase: str) -> int:
         if not cfg.model.init:
             from cluster.launch import launch
 
-            preflight.check(cfg)
-            out["pretrain"] = launch(cfg)
+            preflight.check(cfg)  # a refused resume (say, more train.steps) stops here
+            out["pretrain"] = pretrained(cfg) or launch(cfg)
         for p in ("probe", "finetune"):
             out[p] = _phase(cfg, p)
     else:

@@ -56,7 +56,9 @@ def test_evaluate_chains_pretrain_probe_finetune_on_ray(treesatai_shards, tmp_pa
     # A second `evaluate` resumes: pretraining is complete, and so are both phases.
     assert cli.main(args[:-1]) == 0
     text = capsys.readouterr().out
+    assert "pretrain: already done" in text  # no worker group started for it
     assert "probe: already done" in text and "finetune: already done" in text
+    assert json.loads((run / "summary.json").read_text())["step"] == 2
     # So does each phase's own command (`maestro probe`, `maestro finetune`: the same path).
     for phase in ("probe", "finetune"):
         assert cli.main([phase, *args[1:]]) == 0
