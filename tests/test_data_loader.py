@@ -84,6 +84,18 @@ def archive(tmp_path_factory) -> str:
     return _archive(tmp_path_factory.mktemp("archive"))
 
 
+def test_reference_date_of_a_sensor_that_is_not_an_input(archive):
+    """TreeSatAI-TS takes its reference date from the aerial image: without aerial among the inputs
+    it is read from the stored aerial dates (not the aerial array), the same as with it."""
+    kw = {"workers": 0, "shuffle_buffer": 1}
+    with_aerial = _take(build_loader(_cfg(archive, inputs=["aerial", "s2"], **kw), train=False), 3)
+    without = _take(build_loader(_cfg(archive, inputs=["s2"], **kw), train=False), 3)
+    for a, b in zip(with_aerial, without):
+        assert a["_keys"] == b["_keys"] and "aerial" not in b
+        assert torch.equal(a["ref_date"], b["ref_date"])
+        assert torch.equal(a["s2"], b["s2"])
+
+
 @pytest.mark.parametrize("shard_samples", [5, 12])  # 5 shards, and 2 shards for 4 readers
 def test_epoch_reads_every_sample_once_across_two_ranks_and_two_workers(tmp_path, shard_samples):
     url = _archive(tmp_path, 23, shard_samples)

@@ -26,7 +26,7 @@ from maestro.data.geometry import Geometry, geometry
 from maestro.data.transforms import apply_flips, flips, missing_values, scaled_values, select_channels
 from maestro.errors import DataError
 from maestro.modalities import ModalitySpec, TargetSpec
-from shards.schema import Sample
+from shards.schema import Sample, load_npy
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ def needed(members: dict[str, bytes], recipe: Recipe, where: str) -> dict[str, b
     tgts = [t for t in meta.get("targets", []) if t not in recipe.targets]
     if not mods and not tgts:
         return members
+    ref = f"{recipe.ref_date}.dates.npy"
+    if recipe.ref_date in mods and ref in members:  # the reference date of a sensor not fed in
+        meta["_ref_date"] = load_npy(members[ref], f"{where} member '{ref}'")[:1].tolist()
     drop = {f"{t}.npy" for t in tgts} | {
         f"{m}{s}" for m in mods for s in (".npy", ".dates.npy", ".valid.npy")
     }
@@ -76,6 +79,26 @@ def needed(members: dict[str, bytes], recipe: Recipe, where: str) -> dict[str, b
     meta["targets"] = [t for t in meta.get("targets", []) if t in recipe.targets]
     kept["meta.json"] = json.dumps(meta).encode()
     return kept
+
+
+def reference_date(item: dict[str, Any], sample: Sample, recipe: Recipe, where: str) -> np.ndarray:
+    """`(1, 3)` int16: the first date of the reference modality (`data.ref_date`, else the preset's),
+    an input's as selected or, when it is not an input, as stored in the shard (`needed` keeps it
+    in `meta.json` as `_ref_date`); or the fixed date `data.ref_date` gives."""
+    ref = recipe.ref_date
+    if ref in recipe.specs:
+        return item[f"{ref}_dates"][:1]
+    if ref in sample.dates:
+        return np.asarray(sample.dates[ref][:1], dtype=np.int16)
+    if "_ref_date" in sample.meta:
+        return np.asarray(sample.meta["_ref_date"], dtype=np.int16).reshape(1, 3)
+    try:
+        return fixed_date(ref)
+    except ValueError:
+        raise DataError(
+            f"{where}: no dates of '{ref}', the reference-date modality (data.ref_date or the "
+            f"preset's); store '{ref}' in the shards, or set data.ref_date to an input or a date YYYY-MM-DD"
+        ) from None
 
 
 def fixed_date(text: str) -> np.ndarray:
@@ -170,10 +193,7 @@ def select(sample: Sample, recipe: Recipe, rng: np.random.Generator, where: str)
             )
             item[name], item[f"{name}_dates"], item[f"{name}_valid"] = raw, acq, ok
             item[f"{name}_hole"] = hole
-        if recipe.ref_date in recipe.specs:
-            item["ref_date"] = item[f"{recipe.ref_date}_dates"][:1]
-        else:
-            item["ref_date"] = fixed_date(recipe.ref_date)
+        item["ref_date"] = reference_date(item, sample, recipe, where)
         for name, tspec in recipe.targets.items():
             if name not in sample.targets:
                 continue
