@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import ray
 
-from maestro import storage
+from maestro import local_ray, storage
 from maestro.errors import DataError
 from maestro.modalities import preset
 from shards import fanout, reader
@@ -23,8 +23,10 @@ SIZES = {"aerial": 20}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def local_ray(s3_endpoint):  # the S3 variables first, so the Ray workers inherit them
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
+def ray_for_module(s3_endpoint):  # the S3 variables first, so the Ray workers inherit them
+    # A new local Ray on 127.0.0.1 (plain `ray.init()` would join a cluster another test file
+    # started on this machine: test_elastic_ray's, when files run side by side).
+    local_ray.start(2, object_store_memory=128 * 2**20, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _failing_read below
     yield
     ray.shutdown()
