@@ -360,7 +360,11 @@ def _run(cfg: Config, train_fn: Callable[[dict], None], log: RunLog, started: bo
             ray.init(address=r.address, log_to_driver=False)
         if not ray_dir:
             resources.check_cluster(cfg, log.say)
-        lines = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node, as Ray Train's own controller and synchronization actors: placed
+        # anywhere, it could be on a worker node that goes, and every restarted worker would fail
+        # on its first line.
+        here = ray.get_runtime_context().get_node_id()
+        lines = Queue(actor_options={"num_cpus": 0, "label_selector": {ray._raylet.RAY_NODE_ID_KEY: here}})
         trainer = TorchTrainer(
             train_fn,
             train_loop_config={**payload(cfg), "error_url": error_url, "console": lines},
