@@ -1,7 +1,7 @@
 """Elastic-training figures on this machine (CPU): checkpoint stalls and the cost of resizes.
 
     python -m benchmarks.elastic stall [--size base] [--saves 3]
-    python -m benchmarks.elastic cluster [--steps 30] [--every 10]
+    python -m benchmarks.elastic cluster [--steps 45] [--every 15] [--size tiny]
 
 `stall`: one training process of `--size` (DeepSpeed on gloo, the real `Trainer`) saves its
 checkpoint alternately in step (`train.checkpoint_async=false`) and in the background, the same
@@ -9,8 +9,8 @@ engine state each time: the seconds each save holds training (the stall), the se
 background writer takes, and the step time while it writes against a step without a write.
 
 `cluster`: a `ray.cluster_utils.Cluster` on 127.0.0.1 (a head without CPUs and three one-CPU
-worker nodes, as in `tests/test_elastic_ray.py`, whose helpers it uses) runs the debug model with
-`run.workers=[1,3]`:
+worker nodes, as in `tests/test_elastic_ray.py`, whose helpers and Ray settings it uses) runs the
+tiny model (`--size`) with `run.workers=[1,3]`:
 - `--steps` steps with no change (the baseline wall time);
 - the same with a node lost every `--every` steps (its raylet killed) and a replacement added once
   the run trains on fewer workers, as a spot pool replaces capacity: wall time against the
@@ -71,7 +71,7 @@ def stall(size: str, saves: int) -> dict:
         writer = trainer.writer
         assert writer is not None
         batches = iter(trainer.loader)
-        step = 0
+        step = saved = 0
 
         def train_step() -> float:
             nonlocal step
@@ -91,7 +91,7 @@ def stall(size: str, saves: int) -> dict:
             out["sync"].append({"stall_s": time.perf_counter() - t})
             train_step()
             trainer.writer = writer
-            t = time.perf_counter()
+            t, saved = time.perf_counter(), step
             trainer.save(step)
             entry = {"stall_s": time.perf_counter() - t}
             during = []
@@ -103,7 +103,7 @@ def stall(size: str, saves: int) -> dict:
                 entry["step_s_during_write"] = sum(during) / len(during)
             out["async"].append(entry)
             train_step()
-        name = checkpoint.tag(step - 1)
+        name = checkpoint.tag(saved)
         out["checkpoint_bytes"] = sum(
             f.stat().st_size for f in (Path(work) / "runs" / "stall" / name).iterdir() if f.is_file()
         )
@@ -122,7 +122,7 @@ def stall(size: str, saves: int) -> dict:
     return out
 
 
-def cluster(steps: int, every: int) -> dict:
+def cluster(steps: int, every: int, size: str) -> dict:
     import contextlib
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -131,10 +131,11 @@ def cluster(steps: int, every: int) -> dict:
     from cluster.launch import launch, worker_entry
     from maestro import config
 
-    overrides = [o for o in E.RUN if not o.startswith("train.steps=")] + [f"train.steps={steps}"]
+    overrides = [o for o in E.RUN if not o.startswith(("train.steps=", "model.size="))]
+    overrides += [f"train.steps={steps}", f"model.size={size}"]
     work = Path(tempfile.mkdtemp(prefix="maestro-bench-elastic-"))
     archive = E.write_archive(str(work / "archive"))
-    figures: dict = {"steps": steps, "every": every}
+    figures: dict = {"steps": steps, "every": every, "size": size}
 
     def run(name: str, act, *extra: str) -> tuple[float, list[dict], dict]:
         ledger = work / name / "ledger"
@@ -163,14 +164,17 @@ def cluster(steps: int, every: int) -> dict:
 
         def lose_every(ledger: Path, times: dict) -> None:
             times["losses"] = []
-            for at in range(every, steps, every):
+            for at in range(every, steps - every // 2, every):
                 E.wait_for(f"step {at}", lambda at=at: any(x["step"] >= at for x in E.read_ledger(ledger)))
                 world = E.read_ledger(ledger)[-1]["world"]
                 lost = time.time()
-                ray_cluster.remove_node(workers.pop(), allow_graceful=False)
+                ray_cluster.remove_node(workers.pop(), allow_graceful=True)
 
                 def smaller(lost: float = lost, world: int = world) -> bool:
-                    return any(x["world"] < world and x["time"] > lost for x in E.read_ledger(ledger))
+                    lines = E.read_ledger(ledger)
+                    return any(x["world"] < world and x["time"] > lost for x in lines) or any(
+                        x["step"] == steps for x in lines
+                    )
 
                 E.wait_for("a smaller group", smaller)
                 workers.append(ray_cluster.add_node(**E.NODE))
@@ -185,6 +189,8 @@ def cluster(steps: int, every: int) -> dict:
             world = before[-1]["world"]
             shrunk = [x for x in lines if x["world"] < world and x["time"] > event["lost"]]
             grown = [x for x in lines if x["world"] == world and x["time"] > event["added"]]
+            if not shrunk:  # the run ended first
+                continue
             entry = {
                 "steps_redone": max(x["step"] for x in before) - (min(x["step"] for x in shrunk) - 1),
                 "loss_to_smaller_step_s": min(x["time"] for x in shrunk) - event["lost"],
@@ -211,7 +217,7 @@ def cluster(steps: int, every: int) -> dict:
             )
             times["drained"] = time.time()
             E.wait_for("4 more steps", lambda: E.reached(ledger, 3, 9))
-            ray_cluster.remove_node(node, allow_graceful=False)
+            ray_cluster.remove_node(node, allow_graceful=True)
             times["removed"] = time.time()
             workers.append(ray_cluster.add_node(**E.NODE))
 
@@ -233,12 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--size", default="base")
     s.add_argument("--saves", type=int, default=3)
     c = sub.add_parser("cluster")
-    c.add_argument("--steps", type=int, default=30)
-    c.add_argument("--every", type=int, default=10)
+    c.add_argument("--steps", type=int, default=45)
+    c.add_argument("--every", type=int, default=15)
+    c.add_argument("--size", default="tiny")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     load = os.getloadavg()
-    result = stall(args.size, args.saves) if args.what == "stall" else cluster(args.steps, args.every)
+    result = (
+        stall(args.size, args.saves) if args.what == "stall" else cluster(args.steps, args.every, args.size)
+    )
     result["load_average_before"] = load
     result["load_average_after"] = os.getloadavg()
     result["cpus"] = os.cpu_count()

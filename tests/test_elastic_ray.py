@@ -2,14 +2,13 @@
 head (no CPUs) and three worker nodes of one CPU each (`ray.cluster_utils.Cluster`, every node
 its own raylet on 127.0.0.1).
 
-Three runs of the same config and seed share the cluster (module fixtures), each checked by its
-own test:
+Two runs of the same config and seed share the cluster (module fixtures):
 - a SIGTERM to one worker's process: a checkpoint at the next log step and at each one after,
   training going on in the same worker group (this run is also the uninterrupted reference);
-- a worker node removed mid-run (its raylet and workers stopped): the run goes on with fewer
-  workers by itself, and a node added back makes it grow;
-- a node drained as a cloud autoscaler drains a spot node (reason preemption, with a deadline) and
-  taken away before the deadline: a checkpoint on the notice, at most one log interval redone.
+- one run through three cluster changes: a worker node removed (its raylet and workers stopped),
+  and the run goes on with fewer workers by itself; a node added back, and it grows; a node
+  drained as a cloud autoscaler drains a spot node (reason preemption, with a deadline) and taken
+  away before the deadline: a checkpoint on the notice, at most one log interval redone.
 
 Every rank keeps a ledger of the samples of each step (`Ledger`, a test hook), so the tests see
 what was trained: the final step, the global batch of every step, every sample of each epoch
@@ -44,7 +43,7 @@ from maestro.train import checkpoint, optim
 pytestmark = pytest.mark.slow
 
 GLOBAL_BATCH = 6  # 1 × 6, 2 × 3 or 3 × 2 micro-batches of one sample
-STEPS = 20
+STEPS = 24
 SAMPLES = 16
 CHANGE_AT = 5  # the step at which each test changes the cluster
 RUN = [
@@ -363,71 +362,31 @@ def test_a_sigterm_to_a_worker_checkpoints_at_the_next_log_step_and_training_goe
     assert_schedule_and_batch(run)
 
 
-# --- a node lost, then one added ------------------------------------------------------------------
+# --- a node lost, one added, then a node drained and taken: one run -------------------------------
+
+DRAIN_AT = 15  # on 3 workers again: the step at which a node is drained
 
 
-def hold_for_resize(world: int, step: int, folder: str) -> None:
-    """On 3 workers at step CHANGE_AT, until the node is gone (the group fails under the wait);
-    on fewer at step STEPS - 4, until a node is back (the group grows under the wait)."""
+def hold_for_changes(world: int, step: int, folder: str) -> None:
+    """Rank 0's waits, each until the cluster change the driver makes has been seen:
+    on 3 workers at step CHANGE_AT until a node is gone (the group fails under the wait);
+    on 2 at step DRAIN_AT - 3 until a node is back (the group grows under the wait);
+    on 3 again at DRAIN_AT until the drain's notice has reached this worker (so the next log step
+    sees it), then slow steps until the drained node is gone."""
     if world == 3 and step == CHANGE_AT and not os.path.exists(f"{folder}/removed"):
         wait_for("the lost node", lambda: False)
-    if world < 3 and step == STEPS - 4:
+    elif world == 2 and step == DRAIN_AT - 3 and not os.path.exists(f"{folder}/drained"):
         wait_for("the grown group", lambda: False)
-
-
-@pytest.fixture(scope="module")
-def resize_run(ray_cluster, archive, tmp_path_factory, sigterm_run) -> Run:
-    cluster, workers = ray_cluster
-
-    def act(ledger: Path, times: dict) -> None:
-        wait_for("step 5 on 3 workers", lambda: reached(ledger, 3, CHANGE_AT))
-        (ledger / "removed").touch()
-        # The raylet stopped (SIGTERM) and with it the node's workers: the GCS learns at once that
-        # the node is gone. (Killed outright, the node is declared dead only after missed health
-        # checks, and Ray Train 2.60 first retries the old size until its worker-group start
-        # timeout, 60 s: it is the same shrink, a minute later; benchmarks/elastic.py times both.)
-        cluster.remove_node(workers.pop(), allow_graceful=True)
-        times["removed"] = time.time()
-        wait_for("a step on 2 workers", lambda: reached(ledger, 2, 0, after=times["removed"]))
-        workers.append(cluster.add_node(**NODE))
-        times["added"] = time.time()
-
-    return run_on_cluster(tmp_path_factory.mktemp("resize"), archive, "elastic", hold_for_resize, act)
-
-
-def test_a_lost_node_shrinks_the_run_and_a_node_added_grows_it_with_the_global_batch_kept(
-    resize_run, sigterm_run
-):
-    run = resize_run
-    sizes = [w for _, w in groups(run.lines)]
-    assert sizes[0] == 3 and 2 in sizes and sizes[-1] == 3, sizes  # shrank, then grew back
-    assert run.summary["workers"] == 3
-    assert "was written by 3 workers, this run has 2: loading its universal form" in run.log
-    assert "2 worker(s) × 3 micro-batch(es) of 1: global batch 6" in run.log
-    assert_trained_as_one_run(trained(run.lines))
-    assert_schedule_and_batch(run)
-    assert {2.0, 3.0} <= set(run.events["run/workers"].values())
-    assert_loss_within_noise(run, sigterm_run)
-
-
-# --- a preemption notice: a node drained, then taken ------------------------------------------------
-
-
-def hold_for_drain(world: int, step: int, folder: str) -> None:
-    """On 3 workers: at step CHANGE_AT until the notice has reached rank 0's worker (so the next
-    log step sees it), then slow steps until the node is gone."""
-    if world != 3:
-        return
-    if step == CHANGE_AT:
+    elif world == 3 and step == DRAIN_AT and os.path.exists(f"{folder}/added"):
         from ray.train.v2._internal.execution.context import get_train_context
 
         wait_for("the notice", lambda: get_train_context().preemption_context.preemption_info is not None)
-    elif step > CHANGE_AT:
+    elif world == 3 and step > DRAIN_AT and os.path.exists(f"{folder}/drained"):
         time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
-def drain_run(ray_cluster, archive, tmp_path_factory, resize_run) -> Run:
+def elastic_run(ray_cluster, archive, tmp_path_factory, sigterm_run) -> Run:
     import ray
     from ray.core.generated import autoscaler_pb2
 
@@ -435,6 +394,18 @@ def drain_run(ray_cluster, archive, tmp_path_factory, resize_run) -> Run:
 
     def act(ledger: Path, times: dict) -> None:
         wait_for("step 5 on 3 workers", lambda: reached(ledger, 3, CHANGE_AT))
+        (ledger / "removed").touch()
+        # The raylet stopped (SIGTERM) and with it the node's workers. (Killed outright, the node
+        # is declared dead after missed health checks: the same shrink, seconds later.)
+        cluster.remove_node(workers.pop(), allow_graceful=True)
+        times["removed"] = time.time()
+        wait_for("a step on 2 workers", lambda: reached(ledger, 2, 0, after=times["removed"]))
+        (ledger / "added").touch()
+        workers.append(cluster.add_node(**NODE))
+        times["added"] = time.time()
+        wait_for(
+            "the grown group at the drain step", lambda: reached(ledger, 3, DRAIN_AT, after=times["added"])
+        )
         node = workers.pop()
         accepted, why = ray._raylet.GcsClient(address=cluster.address).drain_node(
             node.node_id,
@@ -443,37 +414,52 @@ def drain_run(ray_cluster, archive, tmp_path_factory, resize_run) -> Run:
             int((time.time() + 60) * 1000),  # the deadline the cloud gives
         )
         assert accepted, why
+        (ledger / "drained").touch()
         times["drained"] = time.time()
         # The cloud takes the node once the run has checkpointed on the notice and gone on.
-        wait_for("training after the notice", lambda: reached(ledger, 3, CHANGE_AT + 4))
+        wait_for("training after the notice", lambda: reached(ledger, 3, DRAIN_AT + 4, after=times["added"]))
         cluster.remove_node(node, allow_graceful=True)  # the VM shut down by the cloud
-        times["removed"] = time.time()
+        times["taken"] = time.time()
 
-    run = run_on_cluster(
-        tmp_path_factory.mktemp("drain"),
-        archive,
-        "preempted",
-        hold_for_drain,
-        act,
-        "train.checkpoint_every=100",
-    )
+    run = run_on_cluster(tmp_path_factory.mktemp("elastic"), archive, "elastic", hold_for_changes, act)
     workers.append(cluster.add_node(**NODE))  # the cluster as it was
     return run
 
 
-def test_a_preemption_notice_writes_a_checkpoint_before_the_node_goes(drain_run, sigterm_run):
-    """The group that follows the drained node redoes at most the steps between two polls."""
-    run = drain_run
-    first = groups(run.lines)[0][0]
-    before = [x for x in run.lines if x["attempt"] == first]
-    after = [x for x in run.lines if x["attempt"] != first]
-    assert before[0]["world"] == 3 and after and after[0]["world"] == 2
-    assert "preemption notice: node(s)" in run.log and "to be preempted by" in run.log
-    assert f"checkpoint at step {CHANGE_AT + 1} and at each log step until it goes" in run.log
-    resumed = min(x["step"] for x in after) - 1  # the checkpoint the next group started from
-    assert resumed > CHANGE_AT  # written on the notice (no periodic checkpoint in this run)
-    redone = max(x["step"] for x in before) - resumed
-    assert 0 <= redone <= run.cfg.train.log_every, (max(x["step"] for x in before), resumed)
+def test_a_lost_node_shrinks_the_run_and_a_node_added_grows_it_with_the_global_batch_kept(
+    elastic_run, sigterm_run
+):
+    run = elastic_run
+    sizes = [w for _, w in groups(run.lines)]
+    changes = [w for i, w in enumerate(sizes) if i == 0 or w != sizes[i - 1]]
+    assert changes == [3, 2, 3, 2], sizes  # shrank, grew back, and shrank when the drained node went
+    assert "was written by 3 workers, this run has 2: loading its universal form" in run.log
+    assert "2 worker(s) × 3 micro-batch(es) of 1: global batch 6" in run.log
+    assert "was written by 2 workers, this run has 3: loading its universal form" in run.log
     assert_trained_as_one_run(trained(run.lines))
     assert_schedule_and_batch(run)
+    assert {2.0, 3.0} <= set(run.events["run/workers"].values())
     assert_loss_within_noise(run, sigterm_run)
+
+
+def test_a_preemption_notice_writes_a_checkpoint_before_the_node_goes(elastic_run):
+    """The node is drained as a cloud autoscaler drains a spot node (reason preemption, with a
+    deadline) and taken once training has gone on: the group that follows redoes at most the
+    steps between two polls (one log interval)."""
+    run = elastic_run
+    drained, taken = run.times["drained"], run.times["taken"]
+    noticed = next(x["attempt"] for x in run.lines if drained < x["time"] < taken)
+    following = next(x["attempt"] for x in run.lines if x["time"] > taken and x["attempt"] != noticed)
+    before = [x for x in run.lines if x["attempt"] == noticed]
+    after = [x for x in run.lines if x["attempt"] == following]
+    assert before[0]["world"] == 3 and after[0]["world"] == 2
+    assert "preemption notice: node(s)" in run.log and "to be preempted by" in run.log
+    assert f"checkpoint at step {DRAIN_AT + 1} and at each log step until it goes" in run.log
+    resumed = min(x["step"] for x in after) - 1  # the checkpoint the next group started from
+    # The node went after step DRAIN_AT + 4: the periodic checkpoint at DRAIN_AT + 1 = 16 would
+    # leave 3 or more steps to redo; the notice's at each log step leave at most one interval.
+    assert resumed >= DRAIN_AT + 3
+    redone = max(x["step"] for x in before) - resumed
+    assert 0 <= redone <= run.cfg.train.log_every, (max(x["step"] for x in before), resumed)
+    store = checkpoint.CheckpointStore(run.summary["run"], keep=3)
+    assert all(store.verify(s) is None for s in store.complete_steps())
