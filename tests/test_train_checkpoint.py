@@ -221,17 +221,19 @@ def test_a_kill_while_the_writer_writes_leaves_no_complete_checkpoint_and_the_re
     mid_write = tmp_path / "mid-write"
     raw = {k: v for k, v in cfg.to_dict().items() if k != "derived"}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WRITER, json.dumps(raw), str(mid_write)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLED_WRITER, json.dumps(raw), str(mid_write)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.time() + 240
         while not mid_write.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert proc.poll() is None, log.read_text()[-3000:]
             assert time.time() < deadline, "the writer never reached checkpoint 4"
             time.sleep(0.2)
     finally:
