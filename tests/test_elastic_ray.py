@@ -132,7 +132,9 @@ def write_archive(url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(clean_group_env_module):
+    """The cluster of this module's runs (no process-group variables of an earlier in-process
+    run reach its nodes' environment)."""
     with loopback_cluster() as found:
         yield found
 
