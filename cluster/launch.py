@@ -26,6 +26,10 @@ it and return at once, and the driver raises that error with its own message. An
 is retried up to `run.max_failures` times and then reported as one line naming the worker's
 exception.
 
+A SIGTERM to a worker's process (a spot VM shutting down) is taken as a preemption notice: the
+ranks agree on it at the next log step, which writes a checkpoint, and training goes on
+(`Terminated`).
+
 Ctrl-C or SIGTERM on the driver writes `RUN/STOP`: the workers notice it at their next log step,
 write a final checkpoint and return. A second signal aborts. (`fit` runs off the main thread so
 that Ray's own SIGINT handler, which aborts the workers at once, stays out of the way.)
@@ -97,6 +101,7 @@ def worker_entry(
     Divergence ends the worker normally (its summary says so): a restart from the last
     checkpoint would only diverge again. A `MaestroError` is recorded for the driver and raised;
     a restarted worker that finds it recorded returns at once instead of failing the same way.
+    While it trains, a SIGTERM to the worker's process is a preemption notice (`Terminated`).
     """
     import ray.train
 
@@ -106,7 +111,7 @@ def worker_entry(
     rank = ray.train.get_context().get_world_rank()
     try:
         cfg = config.from_dict(loop_config["config"])
-        with forward_stdout(loop_config.get("console"), rank):
+        with forward_stdout(loop_config.get("console"), rank), Terminated():
             loop.train(cfg, on_step, preemption_notice, probe=_inloop_probe(cfg))
     except loop.Diverged:
         return
@@ -116,20 +121,82 @@ def worker_entry(
         raise
 
 
+class Terminated:
+    """SIGTERM on a Ray Train worker (what a spot VM's shutdown sends the processes on it): the
+    first sets `RECEIVED` and training goes on (`preemption_notice` makes it a notice: a
+    checkpoint at each log step); a second, or one after training, is Ray's own (the worker exits).
+
+    The training function runs off the worker's main thread, where no handler can be set: the
+    handler is set by the worker actor's main thread (`RayTrainWorker.execute`), and Ray's is put
+    back the same way on exit.
+    """
+
+    RECEIVED = threading.Event()
+    _ray_handler: Any = None
+
+    @classmethod
+    def _handle(cls, signum: int, frame: Any) -> None:
+        if cls.RECEIVED.is_set() and callable(cls._ray_handler):
+            cls._ray_handler(signum, frame)
+        cls.RECEIVED.set()
+
+    @classmethod
+    def _install(cls) -> None:
+        cls._ray_handler = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, cls._handle)
+
+    @classmethod
+    def _uninstall(cls) -> None:
+        if signal.getsignal(signal.SIGTERM) == cls._handle:
+            signal.signal(signal.SIGTERM, cls._ray_handler or signal.SIG_DFL)
+
+    @staticmethod
+    def _on_main_thread(fn: Callable[[], None]) -> None:
+        import ray
+
+        try:
+            ray.get(ray.get_runtime_context().current_actor.execute.remote(fn))
+        except Exception as e:  # not a Ray Train worker actor: SIGTERM stays Ray's own
+            loop.console(f"SIGTERM on this worker ends it without a checkpoint ({e.__class__.__name__}: {e})")
+
+    def __enter__(self) -> Terminated:
+        Terminated.RECEIVED.clear()
+        self._on_main_thread(Terminated._install)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._on_main_thread(Terminated._uninstall)
+
+
 def preemption_notice() -> str | None:
-    """What Ray Train knows of a coming preemption of one of the run's nodes, as one line (None:
-    nothing). A barrier: every worker calls it at the same log steps."""
+    """A coming preemption of one of the run's nodes, as one line (None: nothing): what Ray Train
+    knows of one (a node drain), or a SIGTERM received by any worker (`Terminated`). Every worker
+    calls it at the same log steps: both are collective (Ray Train's is a barrier, the SIGTERM
+    flags an all-reduce), so every rank gets the same answer."""
     import ray.train
+    import torch
 
     info = ray.train.get_preemption_info()
-    if info is None:
-        return None
-    when = (
-        ""
-        if info.deadline_ms is None
-        else f" by {time.strftime('%H:%M:%S', time.gmtime(info.deadline_ms / 1000))} UTC"
-    )
-    return f"node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (rank(s) {info.preempted_ranks}) to be preempted{when}"
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    gpu = torch.distributed.get_backend() == "nccl"
+    flags = torch.zeros(world, device=torch.device("cuda", torch.cuda.current_device()) if gpu else "cpu")
+    flags[rank] = float(Terminated.RECEIVED.is_set())
+    torch.distributed.all_reduce(flags)
+    termed = [r for r, f in enumerate(flags.tolist()) if f > 0]
+    lines = []
+    if info is not None:
+        when = (
+            ""
+            if info.deadline_ms is None
+            else f" by {time.strftime('%H:%M:%S', time.gmtime(info.deadline_ms / 1000))} UTC"
+        )
+        lines.append(
+            f"node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (rank(s) {info.preempted_ranks}) "
+            f"to be preempted{when}"
+        )
+    if termed:
+        lines.append(f"rank(s) {termed} received SIGTERM (their machine is shutting down)")
+    return "; ".join(lines) or None
 
 
 class _DriverStop:
@@ -293,7 +360,11 @@ def _run(cfg: Config, train_fn: Callable[[dict], None], log: RunLog, started: bo
             ray.init(address=r.address, log_to_driver=False)
         if not ray_dir:
             resources.check_cluster(cfg, log.say)
-        lines = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node, as Ray Train's own controller and synchronization actors: placed
+        # anywhere, it could be on a worker node that goes, and every restarted worker would fail
+        # on its first line.
+        here = ray.get_runtime_context().get_node_id()
+        lines = Queue(actor_options={"num_cpus": 0, "label_selector": {ray._raylet.RAY_NODE_ID_KEY: here}})
         trainer = TorchTrainer(
             train_fn,
             train_loop_config={**payload(cfg), "error_url": error_url, "console": lines},

@@ -114,6 +114,8 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    # Written by a background thread from a host copy while training goes on (false: in step).
+    checkpoint_async: bool = True
     log_every: int = 10
     image_every: int = 500
     ema: bool = True

@@ -14,6 +14,13 @@ resume uses the newest older one that verifies (`maestro.train.resume`). A write
 full disk, a lost bucket) removes the partial checkpoint and says which path failed and how many
 bytes the checkpoint needed, so that a rerun resumes from the one before once there is room.
 
+In the background (`BackgroundWriter`, `train.checkpoint_async`): `save` has DeepSpeed hand every
+state it would write to `HostCapture`, which keeps a copy in host memory, and returns; each rank's
+writer thread writes the copy and the rank's files, then the ranks' writers meet (a gloo group of
+their own) and rank 0's writes the digests and the marker, last. One write is in flight at a time:
+the next `save` waits for it, and a failure is raised there (or by `BackgroundWriter.wait` at the
+end of the run) on every rank. A process killed mid-write leaves no marker.
+
 On S3 each rank stages its part in a local temporary folder and uploads it; loading downloads
 only the files the rank needs (the shared ones and its own partitions).
 
@@ -25,6 +32,7 @@ same way.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import hashlib
 import io
@@ -34,6 +42,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -129,6 +138,124 @@ def decode(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def host_copy(obj: Any) -> Any:
+    """A copy of a state tree whose tensors are copies in host memory (what training changes
+    next cannot reach it): dicts (their kind kept), lists and tuples are copied through, other
+    objects deep-copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = host_copy(v)
+        return out
+    if isinstance(obj, list):
+        return [host_copy(v) for v in obj]
+    if isinstance(obj, torch.Size):
+        return obj
+    if isinstance(obj, tuple):
+        items = [host_copy(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if obj is None or isinstance(obj, str | bytes | int | float | bool | torch.dtype | torch.device):
+        return obj
+    return copy.deepcopy(obj)
+
+
+def _engine_bytes(engine: Any) -> int:
+    return tensor_bytes(engine.module.state_dict()) + tensor_bytes(getattr(engine.optimizer, "state", {}))
+
+
+def _own_bytes(own: dict[str, Any]) -> int:
+    return sum(len(v) if isinstance(v, bytes) else tensor_bytes(v) for v in own.values())
+
+
+class HostCapture:
+    """A DeepSpeed checkpoint engine that writes nothing: each state `engine.save_checkpoint`
+    would write is kept as a host copy (`files`: (path, state)), for `target` (the engine's own
+    checkpoint engine) to write later. Folders are made at once (DeepSpeed copies its recovery
+    script into them)."""
+
+    name = "maestro-host-capture"
+
+    def __init__(self, target: Any):
+        self.target = target
+        self.files: list[tuple[str, Any]] = []
+
+    def __getattr__(self, attr: str) -> Any:  # anything else DeepSpeed asks: its engine's answer
+        return getattr(self.__dict__["target"], attr)
+
+    def create(self, info: Any) -> None:
+        pass
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.files.append((path, host_copy(state_dict)))
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        raise NotImplementedError("HostCapture only saves")
+
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def is_data_parallel_writer(self, dp_rank: int) -> bool:
+        return self.target.is_data_parallel_writer(dp_rank)
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # every tensor is copied on its own already
+
+
+class BackgroundWriter:
+    """Writes checkpoints on a thread while training goes on, at most one at a time.
+
+    `submit` waits for the write before (as does `wait`), then starts the next; a write that
+    failed is raised by the next `submit` or `wait` as `CheckpointError`, on every rank alike
+    (the ranks' writers agree on it over `group`, a gloo group of their own made by every rank
+    at once, so that their collectives never meet those of training). `write_s`: the seconds the
+    last write took.
+    """
+
+    def __init__(self) -> None:
+        self.group = torch.distributed.new_group(backend="gloo")
+        self._thread: threading.Thread | None = None
+        self._failure: str | None = None
+        self.step: int | None = None
+        self.write_s = 0.0
+
+    def submit(self, step: int, write: Any) -> None:
+        self.wait()
+        self.step, self._failure = step, None
+
+        def run() -> None:
+            t = time.perf_counter()
+            try:
+                write()
+            except CheckpointError as e:
+                self._failure = str(e)
+            except Exception as e:  # reported by the next submit/wait, never lost with the thread
+                self._failure = f"writing checkpoint step {step} failed: {e.__class__.__name__}: {e}"
+            self.write_s = time.perf_counter() - t
+
+        self._thread = threading.Thread(target=run, name=f"maestro-checkpoint-{step}", daemon=True)
+        self._thread.start()
+
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Return once no write is in flight; raise `CheckpointError` if the last one failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise CheckpointError(failure)
+
+
 class CheckpointStore:
     """The checkpoints of one run folder `run_url` (local path or `s3://bucket/prefix/run`)."""
 
@@ -161,19 +288,26 @@ class CheckpointStore:
         step: int,
         engine: Any,
         rank: int,
-        files: dict[str, bytes],
-        run_files: dict[str, bytes] | None = None,
+        files: dict[str, Any],
+        run_files: dict[str, Any] | None = None,
+        writer: BackgroundWriter | None = None,
     ) -> None:
         """Write this rank's part of checkpoint `step` (every rank calls this, in step).
 
-        `files` are this rank's own (name them `rank{R}_*`); `run_files` are written by rank 0
-        only. Returns after the digests and the marker are written and old checkpoints pruned;
-        raises `CheckpointError` on every rank when any rank's write failed (the partial
-        checkpoint is removed first).
+        `files` are this rank's own (name them `rank{R}_*`), `run_files` are written by rank 0
+        only: bytes, or a tensor tree written with `encode`. Without `writer`, returns after the
+        digests and the marker are written and old checkpoints pruned; raises `CheckpointError`
+        on every rank when any rank's write failed (the partial checkpoint is removed first).
+
+        With `writer` (`BackgroundWriter`), waits for the write before (raising its failure on
+        every rank), copies the engine state to host memory and returns: the writer writes the
+        files, and the digests and the marker last.
         """
         from maestro.parallel import dist
         from maestro.parallel.deepspeed import UNIVERSAL_INFO
 
+        if writer is not None:
+            writer.wait()
         name = tag(step)
         if rank == 0 and self.fs.exists(self._dir(step)):
             # One left by a line of training abandoned since (rejected, or cut short): replaced.
@@ -183,28 +317,68 @@ class CheckpointStore:
         own = dict(files)
         if rank == 0:
             own.update(run_files or {})
-        digests: dict[str, dict[str, Any]] = {}
-        failure = None
+        if writer is None:
+            digests, failure = self._write_part(
+                step,
+                rank,
+                staging,
+                own,
+                lambda: engine.save_checkpoint(
+                    staging, tag=name, client_state=UNIVERSAL_INFO, save_latest=False
+                ),
+                _engine_bytes(engine),
+            )
+            self._finish(step, rank, (digests, failure), _engine_bytes(engine) + _own_bytes(own), None)
+            return
+        capture = HostCapture(engine.checkpoint_engine)
+        engine.checkpoint_engine = capture
         try:
             engine.save_checkpoint(staging, tag=name, client_state=UNIVERSAL_INFO, save_latest=False)
+        finally:
+            engine.checkpoint_engine = capture.target
+        host = {k: v if isinstance(v, bytes) else host_copy(v) for k, v in own.items()}
+        writer.submit(step, lambda: self._background(step, rank, staging, host, capture, writer.group))
+
+    def _write_part(
+        self,
+        step: int,
+        rank: int,
+        staging: str,
+        own: dict[str, Any],
+        engine_files: Any,
+        engine_bytes: int,
+        background: bool = False,
+    ) -> tuple[dict[str, dict[str, Any]], str | None]:
+        """Write this rank's files of checkpoint `step` (the engine's through `engine_files()`)
+        and, on S3, upload them: (their digests, None), or ({}, what failed)."""
+        name = tag(step)
+        try:
+            engine_files()
             for fname, data in own.items():
-                Path(staging, name, fname).write_bytes(data)
+                Path(staging, name, fname).write_bytes(data if isinstance(data, bytes) else encode(data))
             digests = _digests(Path(staging, name), rank)
             if not self.local:
                 self.fs.put(f"{staging}/{name}/", f"{self._dir(step)}/", recursive=True)
+            return digests, None
         except OSError as e:
-            failure = self._write_failure(e, step, engine, own)
+            return {}, self._write_failure(e, step, engine_bytes + _own_bytes(own))
+        except Exception as e:
+            if not background:
+                raise
+            # In the writer: said, never raised past the collective that the other ranks wait in.
+            return {}, f"cannot write checkpoint {self.url}/{name}: {e.__class__.__name__}: {e}"
         finally:
             if not self.local:
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _finish(self, step: int, rank: int, mine: tuple[dict, str | None], need: int, group: Any) -> None:
+        """Every rank's digests and failures to rank 0, which writes `DIGESTS.json` and then the
+        marker and prunes; raises `CheckpointError` on every rank when a write failed (on `group`:
+        the writer's own process group, so that its collectives never meet training's)."""
         parts: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, (digests, failure))
+        torch.distributed.all_gather_object(parts, mine, group=group)
         failures = [f for _, f in parts if f is not None]
-        if failures:
-            if rank == 0 and self.fs.exists(self._dir(step)):
-                self.fs.rm(self._dir(step), recursive=True)
-            raise CheckpointError(failures[0])
-        if rank == 0:
+        if not failures and rank == 0:
             listing = {k: v for part, _ in parts for k, v in part.items()}
             record = {
                 "format": "maestro-checkpoint-digests",
@@ -216,14 +390,34 @@ class CheckpointStore:
                 self.fs.pipe_file(f"{self._dir(step)}/{DIGESTS}", json.dumps(record, indent=1).encode())
                 self.fs.pipe_file(f"{self._dir(step)}/{MARKER}", json.dumps(marker).encode())
             except OSError as e:
+                failures = [self._write_failure(e, step, need)]
+        if group is not None:  # rank 0's marker, known to every rank's writer
+            verdict = [failures[0] if failures else None]
+            torch.distributed.broadcast_object_list(verdict, src=0, group=group)
+            failures = [verdict[0]] if verdict[0] else []
+        if failures:
+            if rank == 0 and self.fs.exists(self._dir(step)):
                 self.fs.rm(self._dir(step), recursive=True)
-                raise CheckpointError(self._write_failure(e, step, engine, own)) from e
+            raise CheckpointError(failures[0])
+        if rank == 0:
             self.prune()
 
-    def _write_failure(self, e: OSError, step: int, engine: Any, own: dict[str, bytes]) -> str:
+    def _background(
+        self, step: int, rank: int, staging: str, host: dict[str, Any], capture: HostCapture, group: Any
+    ) -> None:
+        """The writer's part of `save`: the host copy to files, then `_finish`."""
+
+        def engine_files() -> None:
+            for path, state in capture.files:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                capture.target.save(state, path)
+
+        engine_bytes = tensor_bytes([state for _, state in capture.files])
+        mine = self._write_part(step, rank, staging, host, engine_files, engine_bytes, background=True)
+        self._finish(step, rank, mine, engine_bytes + _own_bytes(host), group)
+
+    def _write_failure(self, e: OSError, step: int, need: int) -> str:
         """The one-line account of a failed checkpoint write: the path, the bytes, what to do."""
-        need = tensor_bytes(engine.module.state_dict()) + tensor_bytes(getattr(engine.optimizer, "state", {}))
-        need += sum(len(v) for v in own.values())
         where = e.filename or f"{self.url}/{tag(step)}"
         room = ""
         if self.local:

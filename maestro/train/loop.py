@@ -8,7 +8,10 @@ stay on it until a log step (`metrics.Interval`), where ranks also agree on dive
 stop request. A checkpoint is written every `train.checkpoint_every` steps, at the end, and when a
 stop is requested (SIGINT/SIGTERM in a plain process, the `STOP` file of the run under Ray); and
 at every log step once a preemption notice has arrived (`notice`, polled at log steps), while
-training goes on until the node goes.
+training goes on until the node goes. With `train.checkpoint_async` (the default) a checkpoint
+holds training only while the engine state is copied to host memory: a writer thread writes it
+while training goes on (`checkpoint.BackgroundWriter`, one write in flight, the next save and the
+end of the run wait for it), and it counts once its digests and marker are written.
 
 The global batch is the run's at every world size (`config.accumulation`): an elastic run that
 restarts on fewer or more workers accumulates more or fewer micro-batches per optimizer step, and
@@ -34,7 +37,7 @@ import torch
 
 from maestro import config, storage
 from maestro.config import Config
-from maestro.errors import Diverged
+from maestro.errors import CheckpointError, Diverged
 from maestro.model import padded
 from maestro.model.ema import EMA
 from maestro.parallel import dist
@@ -212,6 +215,9 @@ class Trainer:
         self.samples_trained = 0  # by this process's run, all ranks (a resumed run counts from its start)
         self.peak = metrics.peak_flops(place.device) * place.world_size
         self.fs, self.root = storage.url_to_fs(self.url)
+        # Checkpoints written in the background (every rank makes the writer's group at once).
+        self.writer = checkpoint.BackgroundWriter() if cfg.train.checkpoint_async else None
+        self.stalls: list[float] = []  # seconds each checkpoint held training
         self.board: metrics.Board | None = None
         self.tb_dir = f"{self.root}/tensorboard"
         if place.is_main:
@@ -233,9 +239,13 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
 
     def save(self, step: int) -> None:
+        """Checkpoint `step` (every rank). In the background with `train.checkpoint_async`: the
+        state is copied to host memory and training goes on while the writer writes it (the save
+        after waits for it); `stalls` keeps the seconds each save held training."""
+        t = time.perf_counter()
         r, stage = self.place.rank, self.engine.zero_optimization_stage()
-        files = {f"rank{r}_data.pt": checkpoint.encode(self.loader.state_dict())}
-        run_files = {
+        files: dict[str, Any] = {f"rank{r}_data.pt": self.loader.state_dict()}
+        run_files: dict[str, Any] = {
             "state.json": json.dumps(
                 {
                     "step": step,
@@ -249,9 +259,15 @@ class Trainer:
         }
         if self.ema is not None:
             owner = files if stage == 3 else run_files
-            owner[resume.ema_name(stage, r)] = checkpoint.encode(self.ema.state_dict())
-        self.store.save(step, self.engine, r, files, run_files)
+            owner[resume.ema_name(stage, r)] = self.ema.state_dict()
+        self.store.save(step, self.engine, r, files, run_files, self.writer)
+        self.stalls.append(time.perf_counter() - t)
         self.sync_board()
+
+    def finish_writes(self) -> None:
+        """Wait for the checkpoint in the background, if any (raises its failure, every rank)."""
+        if self.writer is not None:
+            self.writer.wait()
 
     def restore(self) -> int:
         """Load the checkpoint the resume plan chose, if any; return its step (0 for a fresh run)."""
@@ -363,6 +379,9 @@ class Trainer:
             noticed = self.preempted(step)
             if step % c.checkpoint_every == 0 or step == c.steps or stopped or noticed:
                 self.save(step)
+                if noticed:  # the node may go before the next log step: this one must be complete
+                    self.finish_writes()
+        self.finish_writes()
         self.sync_board()
         return {
             "step": step,
@@ -377,8 +396,8 @@ class Trainer:
 
     def preempted(self, step: int) -> bool:
         """Whether a preemption notice stands (polled on every rank at each log step). Training
-        goes on until the node goes, with a checkpoint at each log step meanwhile: the work lost
-        to the preemption is at most one log interval."""
+        goes on until the node goes, with a checkpoint at each log step meanwhile, each complete
+        before training goes on: the work lost to the preemption is at most one log interval."""
         notice = None if self.notice is None else self.notice()
         if notice is None:
             return False
@@ -408,6 +427,12 @@ class Trainer:
             self.fs.pipe_file(f"{self.root}/{SUMMARY_FILE}", json.dumps(summary).encode())
 
     def close(self) -> None:
+        """Wait for a checkpoint still being written (a failure is said: an error is already on
+        its way out when the run did not reach `finish_writes`), then close TensorBoard."""
+        try:
+            self.finish_writes()
+        except CheckpointError as e:
+            console(str(e))
         if self.board is not None:
             self.board.close()
 

@@ -41,6 +41,7 @@ CHANGEABLE = (
     "train.image_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.checkpoint_async",
     "train.zero_stage",  # a resumed run keeps the stage it started with
     "model.attention",  # implementations of the same computation
     "model.kernels",
