@@ -214,6 +214,22 @@ def _spawn_ranks_fixture():
     return spawn_ranks
 
 
+def lr_schedule(cfg) -> dict[int, float]:
+    """The learning rate of each step under `cfg`'s one-cycle schedule, from step 1 (what a run,
+    resumed or resized any number of times, must follow)."""
+    from maestro.train import optim
+
+    model = torch.nn.Linear(1, 1)
+    opt = optim.build_optimizer(cfg, model)
+    sched = optim.build_schedule(cfg, opt)
+    out = {}
+    for step in range(1, cfg.train.steps + 1):
+        out[step] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    return out
+
+
 # --- small model configs and synthetic model batches ---------------------------------------------
 
 # TreeSatAI-TS at `model.size=debug` with a 3×3-token aerial image: every model test well under a

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from conftest import small_train_config
 
 from maestro import config
 from maestro.train import checkpoint
@@ -29,29 +30,10 @@ class NoticeFrom:
 def test_a_standing_preemption_notice_checkpoints_at_each_log_step_and_training_goes_on(
     train_archive, tmp_path, capsys
 ):
-    cfg = config.load(
-        "configs/demo.yaml",
-        [
-            "model.size=debug",
-            "model.inter_depth=1",
-            "data.modalities.aerial.image_size=60",
-            "data.modalities.s2.num_dates=4",
-            "data.modalities.s1_asc.num_dates=2",
-            "data.modalities.s1_des.num_dates=2",
-            "data.inputs=[aerial,s2]",
-            "data.batch_size=2",
-            "data.workers=0",
-            "run.workers=1",
-            "train.steps=8",
-            "train.log_every=2",
-            "train.checkpoint_every=100",
-            "train.keep_checkpoints=10",
-            "train.image_every=100",
-            f"data.shards={train_archive}",
-            f"run.storage={tmp_path}",
-            "run.name=notice",
-        ],
-    )
+    cfg = small_train_config(
+        train_archive, tmp_path, "notice", "train.steps=8", "train.log_every=2",
+        "train.checkpoint_every=100", "train.keep_checkpoints=10",
+    )  # fmt: skip
     notice = NoticeFrom(step=4)
     summary = train(cfg, notice=notice)
     assert summary["step"] == 8 and not summary["stopped"]

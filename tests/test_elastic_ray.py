@@ -35,10 +35,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_TRAIN, lr_schedule
 
 from cluster.launch import launch, worker_entry
 from maestro import config, local_ray
-from maestro.train import checkpoint, optim
+from maestro.train import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -47,21 +48,12 @@ STEPS = 24
 SAMPLES = 16
 CHANGE_AT = 5  # the step at which each test changes the cluster
 RUN = [
-    "model.size=debug",
-    "model.inter_depth=1",
-    "data.modalities.aerial.image_size=60",
-    "data.modalities.s2.num_dates=4",
-    "data.modalities.s1_asc.num_dates=2",
-    "data.modalities.s1_des.num_dates=2",
-    "data.inputs=[aerial,s2]",
+    *SMALL_TRAIN,  # the shared small run, here on one to three workers of one sample each
     "data.batch_size=1",
-    "data.workers=0",
     "run.workers=[1,3]",
     f"train.global_batch={GLOBAL_BATCH}",
-    "run.use_gpu=false",
     "run.max_failures=8",
     "run.resize_check_s=1",
-    "optim.base_lr=0.002",
     f"train.steps={STEPS}",
     "train.log_every=2",
     "train.checkpoint_every=4",
@@ -253,19 +245,6 @@ def assert_trained_as_one_run(steps: dict[int, list[dict]]) -> None:
     assert under_way >= 2 and all(counts[e] == SAMPLES for e in range(under_way)), (under_way, counts)
 
 
-def schedule(cfg) -> dict[int, float]:
-    """The learning rate of each step under the run's one-cycle schedule, from step 1."""
-    model = torch.nn.Linear(1, 1)
-    opt = optim.build_optimizer(cfg, model)
-    sched = optim.build_schedule(cfg, opt)
-    out = {}
-    for step in range(1, cfg.train.steps + 1):
-        out[step] = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-    return out
-
-
 def events(run_url: str) -> dict[str, dict[int, float]]:
     """TensorBoard scalars by tag and step (a step redone after a restart: its last value)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -308,7 +287,7 @@ def reached(ledger: Path, world: int, step: int, after: float = 0.0) -> bool:
 def assert_schedule_and_batch(run: Run) -> None:
     assert run.summary["step"] == STEPS and run.summary["global_batch"] == GLOBAL_BATCH
     assert set(run.events["train/global_batch"].values()) == {GLOBAL_BATCH}
-    expected = schedule(run.cfg)
+    expected = lr_schedule(run.cfg)
     assert run.events["train/lr"] == pytest.approx({s: expected[s] for s in run.events["train/lr"]})
     assert sorted(run.events["train/loss"]) == list(range(2, STEPS + 1, 2))
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_TRAIN, spawn_ranks
+from conftest import SMALL_TRAIN, lr_schedule, spawn_ranks
 
 from cluster.launch import launch, start_local_ray, worker_entry
 from maestro import config
 from maestro.errors import CheckpointError, ConfigError
 from maestro.parallel.deepspeed import safe_load
-from maestro.train import checkpoint, optim
+from maestro.train import checkpoint
 from maestro.train.loop import train
 
 pytestmark = pytest.mark.slow
@@ -168,22 +168,9 @@ def test_two_workers_train_with_zero_stage_and_loss_falls(
     assert os.path.exists(tmp_path / "zero" / checkpoint.tag(4) / checkpoint.UNIVERSAL / checkpoint.MARKER)
     ev = _events(summary["run"], tmp_path / "after")
     assert sorted(ev["train/loss"]) == [6, 8] and ev["train/loss"][8] < loss[2] * 0.9
-    assert ev["train/lr"][8] == pytest.approx(_schedule(cfg)[8])  # the run's own schedule goes on
+    assert ev["train/lr"][8] == pytest.approx(lr_schedule(cfg)[8])  # the run's own schedule goes on
     with pytest.raises(CheckpointError, match="train.steps=8"):
         train(_cfg(archive, str(tmp_path), "zero", "train.steps=12", "run.workers=1"))
-
-
-def _schedule(cfg) -> dict[int, float]:
-    """The learning rate of each step under the run's one-cycle schedule, from step 1."""
-    model = torch.nn.Linear(1, 1)
-    opt = optim.build_optimizer(cfg, model)
-    sched = optim.build_schedule(cfg, opt)
-    out = {}
-    for step in range(1, cfg.train.steps + 1):
-        out[step] = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-    return out
 
 
 class KillOnce:
@@ -232,7 +219,7 @@ def test_stopped_run_resumes_by_name_on_s3_and_a_killed_worker_is_restarted(ray_
     ev = _events(second["run"], tmp_path)
     assert sorted(ev["train/loss"]) == [2, 4, 6, 8, 10]
     # The learning rate continues the one-cycle schedule instead of restarting it.
-    expected = _schedule(cfg)
+    expected = lr_schedule(cfg)
     assert ev["train/lr"] == pytest.approx({s: expected[s] for s in ev["train/lr"]})
 
 
