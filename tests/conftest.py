@@ -230,6 +230,26 @@ def lr_schedule(cfg) -> dict[int, float]:
     return out
 
 
+def assert_stream_resumes_exactly(cfg, cut: int, total: int):
+    """A loader of `cfg` stopped after `cut` batches, and a fresh one given its state (through
+    JSON, as a checkpoint holds it), yield the first `total` batches of an uninterrupted loader;
+    returns the stopped loader."""
+    import json
+
+    from maestro.data import build_loader
+
+    it = iter(build_loader(cfg))
+    ref = [next(it)["_keys"] for _ in range(total)]
+    first = build_loader(cfg)
+    it = iter(first)
+    assert [next(it)["_keys"] for _ in range(cut)] == ref[:cut]
+    again = build_loader(cfg)
+    again.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    it = iter(again)
+    assert [next(it)["_keys"] for _ in range(total - cut)] == ref[cut:]
+    return first
+
+
 # --- small model configs and synthetic model batches ---------------------------------------------
 
 # TreeSatAI-TS at `model.size=debug` with a 3×3-token aerial image: every model test well under a

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_stream_resumes_exactly
 from shard_cases import samples, write
 
 from maestro import config
@@ -169,15 +170,7 @@ def test_loader_streams_weighted_splits_in_proportion_and_resumes_exactly(mixed)
         assert {k: counts[k] for k in keys_a} == {k: 2 for k in keys_a}  # each of a twice
         assert sum(counts[k] for k in keys_b) == 3 and {counts[k] for k in keys_b} <= {0, 1}
         assert sum(counts.values()) == 11
-    it = iter(build_loader(cfg))
-    ref = [next(it)["_keys"] for _ in range(16)]
-    first = build_loader(cfg)
-    it = iter(first)
-    assert [next(it)["_keys"] for _ in range(6)] == ref[:6]
-    again = build_loader(cfg)
-    again.load_state_dict(json.loads(json.dumps(first.state_dict())))
-    it = iter(again)
-    assert [next(it)["_keys"] for _ in range(10)] == ref[6:]
+    first = assert_stream_resumes_exactly(cfg, cut=6, total=16)
     other = build_loader(_cfg([shards[0], {**shards[1], "weight": 1}]))
     with pytest.raises(DataError, match="'mix'"):  # another mix does not resume this stream
         other.load_state_dict(first.state_dict())
