@@ -19,13 +19,12 @@ $(STAMP): setup.py constraints.txt .ci/install.sh
 
 # Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them, so a
 # module's shared Ray or trained run is set up once: 2 suits CI's 2 cores; 0 runs all in one process.
-# Files are dealt in collection order, which puts the files with `slow` tests first (conftest.py).
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	bash configs/demo.sh $(VENV)

@@ -28,14 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
 
 
-def pytest_collection_modifyitems(config, items):
-    """Files with `slow` tests (real Ray, DeepSpeed groups, long trainings) run first: with the
-    files dealt to `make test`'s two processes in order, the long ones then overlap each other and
-    the short ones fill in at the end, instead of a long file starting last on its own."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept within
-
-
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """`../shared/fixtures` beside the checkout (real and format-faithful samples; never copied)."""

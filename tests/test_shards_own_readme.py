@@ -15,12 +15,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from shards import manifest as manifest_io
 from shards import reader
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"<!-- example (\S+) -->\n```\w*\n(.*?)```", re.S)
