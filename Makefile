@@ -17,14 +17,10 @@ $(STAMP): setup.py constraints.txt .ci/install.sh
 	bash .ci/install.sh $(VENV)
 	touch $(STAMP)
 
-# Test files run in TEST_WORKERS processes (pytest-xdist), each file whole in one of them, so a
-# module's shared Ray or trained run is set up once: 2 suits CI's 2 cores; 0 runs all in one process.
-TEST_WORKERS ?= 2
-
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	bash configs/demo.sh $(VENV)

@@ -37,7 +37,7 @@ setup(
     ],
     extras_require={
         "cuda": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.6", "moto[server]>=5.2.5", "ruff>=0.8"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "moto[server]>=5.2.5", "ruff>=0.8"],
     },
     entry_points={"console_scripts": ["maestro = maestro.cli:main"]},
 )
