@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,13 +175,21 @@ def test_two_workers_train_with_zero_stage_and_loss_falls(
 
 
 class KillOnce:
-    """SIGKILL rank 1 after `step` on the first attempt only (a marker file remembers)."""
+    """SIGKILL rank 1 after `step` on the first attempt only (a marker file remembers), once the
+    checkpoint at step `after` is complete in `run`. Its writer threads commit it while training
+    goes on and meet in a collective: a rank killed before that leaves it incomplete, rightly,
+    and the restart takes the one before (seen on 2 cores: the resume started at step 2)."""
 
-    def __init__(self, marker: str, step: int):
-        self.marker, self.step = marker, step
+    def __init__(self, marker: str, step: int, run: str, after: int):
+        self.marker, self.step, self.run, self.after = marker, step, run, after
 
     def __call__(self, step: int, engine, batches) -> None:
         if step == self.step and torch.distributed.get_rank() == 1 and not os.path.exists(self.marker):
+            store = checkpoint.CheckpointStore(self.run, keep=3)
+            deadline = time.time() + 120
+            while self.after not in store.complete_steps():
+                assert time.time() < deadline, f"checkpoint {self.after} not complete after 120 s"
+                time.sleep(0.1)
             open(self.marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -210,10 +219,11 @@ def test_stopped_run_resumes_by_name_on_s3_and_a_killed_worker_is_restarted(ray_
     stopped_at = first["step"]
     assert store.complete_steps() == sorted({stopped_at} | {s for s in (4, 8) if s < stopped_at})
     kill_after = max(stopped_at, 4) + 1  # past a checkpoint the second launch writes itself
-    marker = str(tmp_path / "killed")
-    second = launch(cfg, functools.partial(worker_entry, on_step=KillOnce(marker, step=kill_after)))
-    assert os.path.exists(marker)
     newest_before_kill = max(s for s in (stopped_at, 4, 8) if s < kill_after)
+    marker = str(tmp_path / "killed")
+    kill = KillOnce(marker, step=kill_after, run=f"{storage}/s3run", after=newest_before_kill)
+    second = launch(cfg, functools.partial(worker_entry, on_step=kill))
+    assert os.path.exists(marker)
     assert second["start_step"] == newest_before_kill and second["step"] == 10 and not second["stopped"]
     assert store.complete_steps()[-1] == 10 and newest_before_kill in store.complete_steps()
     ev = _events(second["run"], tmp_path)
