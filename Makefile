@@ -17,10 +17,11 @@ $(STAMP): setup.py constraints.txt .ci/install.sh
 	bash .ci/install.sh $(VENV)
 	touch $(STAMP)
 
+# The suite in two pytest processes side by side (tests/run_parts.py); TEST_PARTS=1: in one.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) tests/run_parts.py
 
 demo: $(STAMP)
 	bash configs/demo.sh $(VENV)

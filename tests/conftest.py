@@ -184,6 +184,24 @@ def _rank(
     Path(out, f"rank{rank}.json").write_text(json.dumps(summary))
 
 
+def _rank_server():
+    """The multiprocessing context whose fork server starts `spawn_ranks`' ranks, started if need be."""
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(RANK_IMPORTS)
+    multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Start the ranks' fork server while the first tests run when a test module trains on spawned
+    ranks: its imports take a core for about 6 s, which the one-threaded tests before leave idle."""
+    if any(getattr(item.module, "spawn_ranks", None) is spawn_ranks for item in items if item.module):
+        _rank_server()
+
+
 def spawn_ranks(cfg, tmp_path: Path, stop: int | None = None) -> dict:
     """Train `cfg` on `run.workers` new processes (real DeepSpeed on gloo over a FileStore, no Ray:
     the launcher's part is tested through Ray elsewhere); rank 0's summary. `stop`: Ctrl-C after
@@ -194,14 +212,12 @@ def spawn_ranks(cfg, tmp_path: Path, stop: int | None = None) -> dict:
     (its threads, its Ray, its process group), as a spawned one is, without importing torch,
     DeepSpeed and dynamo again."""
     import json
-    import multiprocessing
 
     world = cfg.run.workers
     work = tmp_path / f"group-{len(list(tmp_path.glob('group-*')))}"
     work.mkdir()
     raw = {k: v for k, v in cfg.to_dict().items() if k != "derived"}
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(RANK_IMPORTS)
+    ctx = _rank_server()
     env = dict(os.environ)
     procs = [
         ctx.Process(target=_rank, args=(r, world, str(work / "store"), raw, str(work), stop, env))
