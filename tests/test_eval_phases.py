@@ -208,3 +208,18 @@ def test_phases_run_at_most_zero_2_and_say_so(treesatai_shards, tmp_path):
     assert resume.what_runs(pcfg, run_url(pcfg))["stage"] == 2
     line = banner(cfg, pcfg, "finetune")
     assert "ZeRO stage 2 (train.zero_stage=3: phases run at most ZeRO-2" in line and "2 worker(s)" in line
+
+
+def test_eval_splits_beside_a_mix_of_shards_are_asked_for_by_name():
+    """`data.shards` as weighted splits has no one folder the eval splits stand beside: each
+    unset `eval.SPLIT` is a ConfigError naming it; a set one is used as given."""
+    from maestro.errors import ConfigError
+    from maestro.eval.data import split_url
+
+    mix = "data.shards=[{path: /a/train, weight: 1}, {path: /b/train, weight: 2}]"
+    cfg = config.from_dict({}, [mix])
+    for split in ("train", "val", "test"):
+        with pytest.raises(ConfigError, match=rf"eval\.{split}.*mix of splits"):
+            split_url(cfg, split)
+    assert split_url(config.from_dict({}, [mix, "eval.val=/c/val"]), "val") == "/c/val"
+    assert split_url(config.from_dict({}, ["data.shards=/a/train"]), "test") == "/a/test"

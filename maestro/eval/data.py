@@ -42,6 +42,13 @@ def split_url(cfg: Config, split: str) -> str:
         return given
     if not cfg.data.shards:
         raise ConfigError(f"eval.{split}", given, "a shard split URL (or data.shards beside it)")
+    if not isinstance(cfg.data.shards, str):  # a weighted mix of splits: no one split to stand beside
+        raise ConfigError(
+            f"eval.{split}",
+            given,
+            f"a shard split URL: data.shards is a mix of splits ({cfg.data.shards}), so eval.{split} "
+            "cannot be found beside it; set it",
+        )
     if split == "train":
         return cfg.data.shards
     parent = cfg.data.shards.rstrip("/").rsplit("/", 1)[0]
