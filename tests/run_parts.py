@@ -23,13 +23,13 @@ TESTS = Path(__file__).resolve().parent
 FIRST = ["test_elastic_ray.py", "test_train_ray.py"]
 
 
-def parts() -> list[list[str]]:
+def parts() -> list[tuple[str, list[str]]]:
+    """(name, pytest arguments) of each part: FIRST's files, then every other file."""
     missing = [f for f in FIRST if not (TESTS / f).is_file()]
     if missing:
         raise SystemExit(f"tests/run_parts.py: {missing} not in {TESTS}; update FIRST")
     first = [str(TESTS / f) for f in FIRST]
-    rest = [str(TESTS)] + [f"--ignore={f}" for f in first]
-    return [first, rest]
+    return [(" ".join(FIRST), first), ("the rest", [str(TESTS), *(f"--ignore={f}" for f in first)])]
 
 
 def main(args: list[str]) -> int:
@@ -38,28 +38,23 @@ def main(args: list[str]) -> int:
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="maestro-tests-") as logs, contextlib.ExitStack() as stack:
         running = []
-        for i, files in enumerate(parts()):
+        for i, (name, files) in enumerate(parts()):
             log = stack.enter_context(open(Path(logs) / f"part{i + 1}.log", "w+"))
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-q", *files, *args], stdout=log, stderr=subprocess.STDOUT
             )
-            running.append((i + 1, files, proc, log))
+            running.append((name, proc, log))
         codes = []
         try:
-            for n, files, proc, log in running:
-                code = proc.wait()
-                codes.append(code)
+            for n, (name, proc, log) in enumerate(running, 1):
+                codes.append(proc.wait())
                 log.seek(0)
-                named = (
-                    " ".join(Path(f).name for f in files if not f.startswith("--")) if n == 1 else "the rest"
-                )
-                print(
-                    f"==== part {n}/{len(running)} ({named}): exit {code}, {time.monotonic() - start:.0f} s ===="
-                )
+                took = time.monotonic() - start
+                print(f"==== part {n}/{len(running)} ({name}): exit {codes[-1]}, {took:.0f} s ====")
                 sys.stdout.write(log.read())
                 sys.stdout.flush()
         finally:
-            for _, _, proc, _ in running:
+            for _, proc, _ in running:
                 if proc.poll() is None:
                     proc.terminate()
                     proc.wait()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -63,13 +62,10 @@ def test_cuda_flash_attn_from_a_wheel_folder_or_an_opt_in_build(tmp_path, mode):
 def test_make_test_parts_hold_every_test_file_once():
     """`make test`'s two pytest processes (tests/run_parts.py): the named files in the first, the
     others in the second (it ignores exactly the first's), so no file runs twice or not at all."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    try:
-        import run_parts
-    finally:
-        sys.path.pop(0)
-    first, rest = run_parts.parts()
-    tests = Path(run_parts.TESTS)
+    import run_parts  # beside this file, importable as conftest is
+
+    (_, first), (_, rest) = run_parts.parts()
+    tests = run_parts.TESTS
     assert rest[0] == str(tests) and sorted(rest[1:]) == sorted(f"--ignore={f}" for f in first)
     everything = {str(f) for f in tests.glob("test_*.py")}
     assert set(first) < everything and len(first) == len(set(first)) == len(run_parts.FIRST)
