@@ -2,7 +2,7 @@
 
 `probe` and `finetune` run one phase through Ray Train (`cluster.launch`) as `RUN/PHASE`;
 `evaluate` chains pretrain → probe → fine-tune as the reference's `main.py` (pretraining is
-skipped when `model.init` names weights). A rerun resumes an interrupted phase from its newest
+skipped when `model.init` names weights), its launches on one Ray (`cluster.launch.one_ray`). A rerun resumes an interrupted phase from its newest
 complete checkpoint; a phase with a results file is not run again.
 `embed` writes per-sample embeddings to GeoParquet; `export` the encoder alone as safetensors.
 """
@@ -118,13 +118,14 @@ def run_phases(args: argparse.Namespace, phase: str) -> int:
     cfg = config.load(args.config, args.overrides)
     out: dict[str, Any] = {}
     if phase == "evaluate":
-        if not cfg.model.init:
-            from cluster.launch import launch
+        from cluster.launch import launch, one_ray
 
-            preflight.check(cfg)  # a refused resume (say, more train.steps) stops here
-            out["pretrain"] = pretrained(cfg) or launch(cfg)
-        for p in ("probe", "finetune"):
-            out[p] = _phase(cfg, p)
+        with one_ray():  # one Ray start for the chain, none when every phase is done
+            if not cfg.model.init:
+                preflight.check(cfg)  # a refused resume (say, more train.steps) stops here
+                out["pretrain"] = pretrained(cfg) or launch(cfg)
+            for p in ("probe", "finetune"):
+                out[p] = _phase(cfg, p)
     else:
         out[phase] = _phase(cfg, phase)
     if args.json:

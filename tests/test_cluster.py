@@ -6,6 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from maestro import config
@@ -126,7 +127,18 @@ def test_the_workers_own_error_is_found_under_rays_wrappers():
     assert isinstance(root_cause(plain), ValueError)
 
 
-def test_first_ctrl_c_asks_for_a_checkpoint_and_the_second_stops_the_driver(tmp_path):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler during the test, as in a terminal: a shell starts background
+    jobs (`cmd &`) with SIGINT ignored, and `_DriverStop` restores the handler it found."""
+    import signal
+
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+def test_first_ctrl_c_asks_for_a_checkpoint_and_the_second_stops_the_driver(tmp_path, python_sigint):
     import os
     import signal
     import time

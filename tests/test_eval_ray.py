@@ -1,9 +1,12 @@
 """`maestro evaluate` through Ray Train on the converted real TreeSatAI-TS fixtures: pretrain, probe
-and fine-tune as three Ray Train runs of one run folder, the in-loop probe logged during pretraining."""
+and fine-tune as three Ray Train runs of one run folder on one local Ray, the in-loop probe logged
+during pretraining."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 
@@ -53,6 +56,16 @@ def test_evaluate_chains_pretrain_probe_finetune_on_ray(treesatai_shards, tmp_pa
     assert out["finetune"]["init"] == str(run / "probe" / "best.safetensors")
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     assert [e.step for e in acc.Scalars("eval/probe_weighted_f1")] == [2]
+    # One Ray for the three launches: the first starts it, the others use it, the chain stops it.
+    import ray
+
+    said = {p: (run / p / "logs" / "driver.log").read_text() for p in ("", "probe", "finetune")}
+    started = re.findall(r"^ray: started a local Ray on 127\.0\.0\.1 in (\S+)$", said[""], re.M)
+    assert len(started) == 1, said[""]
+    for p in ("probe", "finetune"):
+        assert f"ray: a local Ray on 127.0.0.1 in {started[0]}, started by an earlier launch" in said[p]
+        assert "ray: started" not in said[p]
+    assert not ray.is_initialized() and not os.path.exists(started[0])
     # A second `evaluate` resumes: pretraining is complete, and so are both phases.
     assert cli.main(args[:-1]) == 0
     text = capsys.readouterr().out
