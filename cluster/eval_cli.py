@@ -2,8 +2,9 @@
 
 `probe` and `finetune` run one phase through Ray Train (`cluster.launch`) as `RUN/PHASE`;
 `evaluate` chains pretrain → probe → fine-tune as the reference's `main.py` (pretraining is
-skipped when `model.init` names weights), its launches on one Ray (`cluster.launch.one_ray`). A rerun resumes an interrupted phase from its newest
-complete checkpoint; a phase with a results file is not run again.
+skipped when `model.init` names weights), its launches on one Ray (`cluster.launch.one_ray`).
+A rerun resumes an interrupted phase from its newest complete checkpoint; a phase with a results
+file is not run again.
 `embed` writes per-sample embeddings to GeoParquet; `export` the encoder alone as safetensors.
 """
 

@@ -414,7 +414,8 @@ def one_ray() -> Iterator[None]:
 
 
 def _run(cfg: Config, train_fn: Callable[[dict], None], log: RunLog, use: RayUse) -> None:
-    """Start or join Ray as `use` says, check the resources, fit; a failure is raised as the workers' own error."""
+    """Start or join Ray as `use` says, check the resources, fit; a failure is raised as the
+    workers' own error."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
